@@ -37,3 +37,7 @@ class StoreMismatchError(SchemaError):
 
 class ChunkError(SchemaError):
     """A chunk file of a store is missing or cannot be decoded."""
+
+
+class StoreExistsError(RoicacheError):
+    """A new store was asked for where a store (or other data) already exists."""

@@ -1,0 +1,39 @@
+"""The detector's own classification head, copied into the store (group ``detector_head/``).
+
+Why in the store: heads initialised from the detector (``3fc_ft``, ``last2fc``, ``lastfc``) must
+train on any box that can read the store, without the detector checkpoint. Names are the
+detector-neutral ones heads use: ``fc6.*``, ``fc7.*`` (the two shared fcs) and ``cls.*`` (the
+classifier, rows in store order: classes ``0..C-1`` then background).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from cache_schema.errors import SchemaError
+
+GROUP = "detector_head"
+HEAD_KEYS = ("fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias", "cls.weight", "cls.bias")
+
+
+def write_head_weights(store, state: dict[str, np.ndarray]) -> None:
+    """Write ``state`` (float32 arrays keyed by :data:`HEAD_KEYS`) into ``store`` (opened r+)."""
+    missing = [k for k in HEAD_KEYS if k not in state]
+    if missing:
+        raise SchemaError(f"detector head weights lack {missing}; the adapter must export {list(HEAD_KEYS)}")
+    group = store.group.require_group(GROUP)
+    for key in HEAD_KEYS:
+        value = np.ascontiguousarray(state[key], dtype=np.float32)
+        arr = group.create_array(name=key, shape=value.shape, chunks=value.shape, dtype=np.float32, overwrite=True)
+        arr[...] = value
+
+
+def read_head_weights(store) -> dict[str, np.ndarray]:
+    """The detector head copied at extraction; ``SchemaError`` when the store has none."""
+    try:
+        group = store.group[GROUP]
+        return {key: np.asarray(group[key][...]) for key in HEAD_KEYS}
+    except (KeyError, FileNotFoundError):
+        raise SchemaError(
+            f"store {store.path} holds no detector head weights; re-extract it with this roicache "
+            "version, or choose a randomly initialised head (2fc_rand, 3fc_rand)"
+        ) from None

@@ -1,0 +1,173 @@
+"""The on-disk layout: array names, dtypes, shapes, chunking and codecs of a store.
+
+One place defines what every array of a split looks like; :mod:`cache_schema.store` creates
+arrays from it and :mod:`cache_schema.validate` checks stores against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+ROOT_ATTR = "roicache"
+"""Root-group attribute holding ``StoreMeta.to_dict()``."""
+COMPLETE_ATTR = "complete"
+"""Root-group attribute, ``True`` once :func:`cache_schema.finalize` saw every image done."""
+INITIALIZED_ATTR = "initialized"
+"""Root-group attribute, ``True`` once :func:`cache_schema.create_store` wrote every table."""
+
+# Blosc-zstd clevel for float16 features: clevel 1 compressed ReLU'd float16 as well as 3-5
+# (~0.59 of raw) at a fraction of the time; only clevel >= 7 did better (~0.55) at 10-25x the cost.
+FEATURE_CLEVEL = 1
+OTHER_CLEVEL = 3
+# Blosc-lz4 for the small per-RoI arrays (labels, ious, boxes, logits...): read on every load,
+# they decoded ~10x faster than zstd (zstd's per-call set-up dominates ~0.5 KB chunks) for
+# ~10% more bytes.
+ROI_CNAME = "lz4"
+ROI_CLEVEL = 5
+# Per-RoI arrays with at least this many values per row (features, mask logits, class logits)
+# use Blosc-zstd at FEATURE_CLEVEL: on C=1203 logits zstd stored ~25% fewer bytes than lz4.
+WIDE_ROW = 16
+# Rows per chunk of the ground-truth table (written once; large chunks keep the file count low).
+GT_CHUNK = 65536
+
+KIND_TABLE = "table"  # written once at creation (image table, GT)
+KIND_MARK = "mark"  # one element per image, one image per chunk (completion marks)
+KIND_ROI = "roi"  # K rows per image, one image per chunk (RoI arrays and features)
+
+# RoI arrays every split has: name -> (dtype, trailing shape); ``logits`` is [C+1], filled in below.
+_ROI_BASE = {
+    "boxes": (np.float32, (4,)),
+    "objectness": (np.float32, ()),
+    "is_gt": (np.bool_, ()),
+    "labels": (np.int32, ()),
+    "ious": (np.float32, ()),
+    "gt_index": (np.int32, ()),
+    "logits": (np.float32, None),
+    "reg_boxes": (np.float32, (4,)),
+}
+FEATURE_DTYPE = np.dtype(np.float16)
+MASK_DTYPE = np.dtype(np.float16)
+
+GT_ARRAYS = {
+    "boxes": (np.float32, (4,)),
+    "labels": (np.int32, ()),
+    "image": (np.int32, ()),
+    "area": (np.float32, ()),
+    "ann_id": (np.int64, ()),
+}
+IMAGE_TABLE = {"id": np.int64, "height": np.int32, "width": np.int32}
+STRING_DTYPE = "str"
+FREQUENCY_CODES = {"r": 0, "c": 1, "f": 2}
+"""``classes/frequency`` codes (uint8) of the LVIS frequency groups."""
+
+CLASS_ARRAYS = ("category_id", "instance_count", "image_count", "frequency", "name", "csr_indptr", "csr_images")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArraySpec:
+    """One array of a store.
+
+    Attributes:
+        path: path inside its group, e.g. ``"rois/boxes"`` (split) or ``"name"`` (classes).
+        shape: full shape; ``chunks``: chunk shape (whole trailing dims).
+        dtype: numpy dtype, or ``"str"`` for variable-length UTF-8.
+        kind: ``"table"``, ``"mark"`` or ``"roi"`` (see module constants).
+        clevel: Blosc level, ``None`` for no Blosc (marks, strings).
+        cname: Blosc compressor (``"zstd"`` or ``"lz4"``).
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: object
+    kind: str
+    clevel: int | None
+    cname: str = "zstd"
+
+    def compressors(self) -> list:
+        """Codec chain after serialisation; every chunk ends with a crc32c so corruption is caught."""
+        if self.dtype == STRING_DTYPE:
+            return [ZstdCodec(level=OTHER_CLEVEL), Crc32cCodec()]
+        if self.clevel is None:
+            return [Crc32cCodec()]
+        return [BloscCodec(cname=self.cname, clevel=self.clevel, shuffle="shuffle"), Crc32cCodec()]
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(object) if self.dtype == STRING_DTYPE else np.dtype(self.dtype)
+
+
+def roi_arrays(*, num_classes: int, with_masks: bool, mask_size: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Per-RoI arrays (without features) of a split: ``"rois/<name>"`` -> (dtype, trailing shape)."""
+    out = {}
+    for name, (dtype, trailing) in _ROI_BASE.items():
+        out[f"rois/{name}"] = (np.dtype(dtype), (num_classes + 1,) if trailing is None else trailing)
+    if with_masks:
+        out["rois/mask_logits"] = (MASK_DTYPE, (mask_size, mask_size))
+    return out
+
+
+def split_layout(
+    *,
+    num_images: int,
+    stride: int,
+    num_gt: int,
+    num_classes: int,
+    levels: dict[str, tuple[int, ...]],
+    with_masks: bool,
+    mask_size: int,
+    image_block: int,
+) -> dict[str, ArraySpec]:
+    """Every array of one split, keyed by its path inside the split group."""
+    n, k = num_images, stride
+    specs: dict[str, ArraySpec] = {}
+    block = min(image_block, n)
+    for name, dtype in IMAGE_TABLE.items():
+        specs[f"images/{name}"] = ArraySpec(path=f"images/{name}", shape=(n,), chunks=(block,), dtype=np.dtype(dtype), kind=KIND_TABLE, clevel=OTHER_CLEVEL)
+    specs["images/file_name"] = ArraySpec(path="images/file_name", shape=(n,), chunks=(block,), dtype=STRING_DTYPE, kind=KIND_TABLE, clevel=None)
+    # Completion marks: one image per chunk, so concurrent shards never write the same chunk.
+    specs["images/num_rois"] = ArraySpec(path="images/num_rois", shape=(n,), chunks=(1,), dtype=np.dtype(np.int32), kind=KIND_MARK, clevel=None)
+    specs["images/done"] = ArraySpec(path="images/done", shape=(n,), chunks=(1,), dtype=np.dtype(np.uint8), kind=KIND_MARK, clevel=None)
+    rois = roi_arrays(num_classes=num_classes, with_masks=with_masks, mask_size=mask_size)
+    rois.update({f"feat/{lv}": (FEATURE_DTYPE, tuple(shape)) for lv, shape in levels.items()})
+    for path, (dtype, trailing) in rois.items():
+        # Wide rows (features, masks, logits) are most of the bytes: zstd; narrow ones: fast lz4.
+        wide = int(np.prod(trailing, dtype=np.int64)) >= WIDE_ROW
+        specs[path] = ArraySpec(
+            path=path, shape=(n * k, *trailing), chunks=(k, *trailing), dtype=dtype, kind=KIND_ROI,
+            clevel=FEATURE_CLEVEL if wide else ROI_CLEVEL, cname="zstd" if wide else ROI_CNAME,
+        )
+    gchunk = max(1, min(num_gt, GT_CHUNK))
+    for name, (dtype, trailing) in GT_ARRAYS.items():
+        specs[f"gt/{name}"] = ArraySpec(
+            path=f"gt/{name}", shape=(num_gt, *trailing), chunks=(gchunk, *trailing), dtype=np.dtype(dtype), kind=KIND_TABLE, clevel=OTHER_CLEVEL,
+        )
+    return specs
+
+
+def classes_layout(*, num_classes: int, nnz: int) -> dict[str, ArraySpec]:
+    """Arrays of the ``classes/`` group (one chunk each)."""
+    c = num_classes
+    shapes = {
+        "category_id": ((c,), np.int64), "instance_count": ((c,), np.int64), "image_count": ((c,), np.int64),
+        "frequency": ((c,), np.uint8), "name": ((c,), STRING_DTYPE), "csr_indptr": ((c + 1,), np.int64),
+        "csr_images": ((nnz,), np.int64),
+    }
+    out = {}
+    for name, (shape, dtype) in shapes.items():
+        dt = dtype if dtype == STRING_DTYPE else np.dtype(dtype)
+        out[name] = ArraySpec(path=name, shape=shape, chunks=(max(1, shape[0]),), dtype=dt, kind=KIND_TABLE, clevel=None if dt == STRING_DTYPE else OTHER_CLEVEL)
+    return out
+
+
+def split_attrs(*, num_images: int, stride: int, num_gt: int, levels: tuple[str, ...], with_masks: bool,
+                mask_size: int, has_gt_proposals: bool, image_block: int) -> dict:
+    """Attributes of a split group (what a reader needs before opening any array)."""
+    return {
+        "num_images": num_images, "roi_stride": stride, "num_gt": num_gt, "levels": list(levels),
+        "with_masks": with_masks, "mask_size": mask_size, "has_gt_proposals": has_gt_proposals,
+        "image_block": image_block,
+    }

@@ -1,0 +1,107 @@
+"""What the extraction writer needs from any two-stage detector, free of framework types.
+
+A backend (torchvision here; mmdetection may follow) implements :class:`DetectorAdapter`; the
+writer only sees numpy arrays in :class:`RoiOutputs`. Class indices are contiguous ``0..C-1`` and
+background is ``C`` (last column of ``logits``); boxes are xyxy in ORIGINAL image pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from cache_schema.errors import SchemaError
+
+FEATURE_LEVELS = ("fc", "pooled")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoiOutputs:
+    """Everything the detector computes for the ``R`` RoIs of one image.
+
+    Attributes:
+        boxes: float32 ``[R, 4]`` proposal boxes, xyxy, original image pixels; RPN proposals
+            (highest objectness first) followed by the appended ground-truth boxes.
+        objectness: float32 ``[R]`` RPN objectness logit; ``+inf`` for appended GT boxes.
+        is_gt: bool ``[R]``, the RoI is an appended ground-truth box.
+        features: level name -> float32 ``[R, *level_shape]`` (``fc``: ``[R, D]`` output of the
+            second shared fc + ReLU; ``pooled``: ``[R, C_fpn, 7, 7]`` RoIAlign output).
+        logits: float32 ``[R, C+1]`` the detector's class logits, classes ``0..C-1`` then
+            background.
+        reg_boxes: float32 ``[R, 4]`` class-agnostic regressed boxes, xyxy, clipped to the image,
+            original image pixels.
+        mask_logits: float32 ``[R, M, M]`` class-agnostic mask logits computed on ``reg_boxes``,
+            or ``None`` when masks were not asked for.
+    """
+
+    boxes: np.ndarray
+    objectness: np.ndarray
+    is_gt: np.ndarray
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    logits: np.ndarray
+    reg_boxes: np.ndarray
+    mask_logits: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        r = self.boxes.shape[0]
+        checks = [
+            ("boxes", self.boxes, (r, 4), np.float32),
+            ("objectness", self.objectness, (r,), np.float32),
+            ("is_gt", self.is_gt, (r,), np.bool_),
+            ("reg_boxes", self.reg_boxes, (r, 4), np.float32),
+        ]
+        for name, arr, shape, dtype in checks:
+            if arr.shape != shape or arr.dtype != dtype:
+                raise SchemaError(f"RoiOutputs.{name}: got {arr.dtype}{list(arr.shape)}, expected {np.dtype(dtype)}{list(shape)}")
+        if self.logits.ndim != 2 or self.logits.shape[0] != r or self.logits.dtype != np.float32:
+            raise SchemaError(f"RoiOutputs.logits: got {self.logits.dtype}{list(self.logits.shape)}, expected float32[{r}, C+1]")
+        for name, arr in self.features.items():
+            if arr.shape[0] != r or arr.dtype != np.float32:
+                raise SchemaError(f"RoiOutputs.features[{name!r}]: got {arr.dtype}{list(arr.shape)}, expected float32[{r}, ...]")
+        if self.mask_logits is not None and (
+            self.mask_logits.ndim != 3 or self.mask_logits.shape[0] != r or self.mask_logits.dtype != np.float32
+        ):
+            raise SchemaError(f"RoiOutputs.mask_logits: got {list(self.mask_logits.shape)}, expected float32[{r}, M, M]")
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @property
+    def num_proposals(self) -> int:
+        """RoIs that came from the RPN (the first ``len - num_gt`` rows)."""
+        return int((~self.is_gt).sum())
+
+
+@runtime_checkable
+class DetectorAdapter(Protocol):
+    """A frozen two-stage detector as the extraction writer drives it (numpy in, numpy out).
+
+    Attributes:
+        num_classes: C.
+        levels: feature level name -> per-RoI shape, e.g. ``{"fc": (256,), "pooled": (64, 7, 7)}``.
+        mask_size: side M of the mask logits.
+        categories: ``C`` dicts ``{"id", "name"}``; index ``k`` is class ``k``.
+    """
+
+    num_classes: int
+    levels: dict[str, tuple[int, ...]]
+    mask_size: int
+    categories: tuple[dict, ...]
+
+    def describe(self) -> dict:
+        """JSON-safe record of the detector for the store's attributes (backend, arch, sha256...)."""
+        ...
+
+    def run(
+        self,
+        images: list[np.ndarray],
+        *,
+        gt_boxes: list[np.ndarray] | None,
+        levels: tuple[str, ...],
+        max_proposals: int,
+        with_masks: bool,
+    ) -> list[RoiOutputs]:
+        """RoI outputs of each uint8 ``[H, W, 3]`` RGB image (GT boxes float32 ``[G, 4]`` appended)."""
+        ...

@@ -1,0 +1,48 @@
+"""Label RoIs by IoU matching against an image's ground truth (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+
+@dataclass(frozen=True, kw_only=True)
+class Matches:
+    """Per-RoI matching result.
+
+    Attributes:
+        labels: int32 ``[R]``, class ``0..C-1`` of the best GT when IoU >= ``fg_iou``, else ``C``.
+        ious: float32 ``[R]``, IoU with the best-overlapping GT (0 when the image has none).
+        gt_index: int32 ``[R]``, row of that GT in the split's GT table, ``-1`` when none overlaps.
+    """
+
+    labels: np.ndarray
+    ious: np.ndarray
+    gt_index: np.ndarray
+
+
+def match_rois(*, rois: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray,
+               gt_rows: np.ndarray, num_classes: int, fg_iou: float) -> Matches:
+    """Match ``rois`` float32 ``[R,4]`` (xyxy px) to ``gt_boxes`` float32 ``[G,4]``.
+
+    ``gt_labels`` int ``[G]`` are contiguous classes, ``gt_rows`` int ``[G]`` the GT rows in the
+    split's GT table. Ties go to the lower GT row (``argmax`` takes the first maximum), so the
+    result does not depend on anything but the inputs.
+    """
+    r = rois.shape[0]
+    labels = np.full(r, num_classes, dtype=np.int32)
+    ious = np.zeros(r, dtype=np.float32)
+    gt_index = np.full(r, -1, dtype=np.int32)
+    if r == 0 or gt_boxes.shape[0] == 0:
+        return Matches(labels=labels, ious=ious, gt_index=gt_index)
+    iou = box_iou(torch.from_numpy(rois).float(), torch.from_numpy(gt_boxes).float()).numpy()
+    best = iou.argmax(axis=1)
+    ious[:] = iou[np.arange(r), best]
+    overlapping = ious > 0
+    gt_index[overlapping] = np.asarray(gt_rows, dtype=np.int32)[best[overlapping]]
+    fg = ious >= fg_iou
+    labels[fg] = np.asarray(gt_labels, dtype=np.int32)[best[fg]]
+    return Matches(labels=labels, ious=ious, gt_index=gt_index)

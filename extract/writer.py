@@ -1,0 +1,249 @@
+"""``extract``: run a frozen detector over a dataset once and fill a store, shard by shard.
+
+Order of work, and why it is safe to kill at any moment:
+1. every input is checked (checkpoint, annotation files, images, class counts) before anything is
+   written, so bad input never leaves a store behind;
+2. shard 0 (or the only process) creates the store with its tables; other shards wait for it;
+3. each shard runs its fixed image batches (:mod:`extract.sharding`) and writes image by image —
+   an image's done mark is written last, so a killed run leaves that image "not done";
+4. ``--resume`` re-runs every batch that still holds an image without its mark (whole batches, so
+   the numbers equal an uninterrupted run's), and the last shard to finish marks the store complete.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cache_schema import (
+    DatasetInfo,
+    DetectorInfo,
+    ExtractionSettings,
+    GtTable,
+    SplitSource,
+    SplitSpec,
+    Store,
+    StoreMeta,
+    create_store,
+    finalize,
+    open_for_resume,
+    open_store,
+)
+from cache_schema.errors import ConfigError, DatasetError, SchemaError, StoreExistsError
+from cache_schema.runtime import configure_threads, pick_device, sha256_file
+from extract.datasets.lvis_json import AnnotationSet, check_images_exist, class_statistics, load_annotations, resolve_split
+from extract.detectors.adapter import TorchvisionAdapter
+from extract.head_weights import detector_head_state, write_head_weights
+from extract.matching import match_rois
+from extract.progress import ExtractProgress
+from extract.sharding import Shard, batch_groups
+
+#: Splits that get GT boxes appended as proposals (SimCal's calibration adds them for training).
+GT_PROPOSAL_SPLITS = ("train",)
+#: Splits that keep class-agnostic mask logits (what cached mask evaluation needs).
+MASK_SPLITS = ("val",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractConfig:
+    """Settings of one extraction (what ``extract`` takes on its command line)."""
+
+    splits: tuple[str, ...] = ("train", "val")
+    levels: tuple[str, ...] = ("pooled", "fc")
+    rois_per_image: int | None = None  # None: the detector's own test-time proposal count
+    fg_iou: float = 0.5
+    batch_size: int = 4
+    device: str = "auto"
+    shard: Shard = field(default_factory=Shard)
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    threads: int | None = None
+    wait_for_store_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not self.splits:
+            raise ConfigError("--splits is empty; name at least one split, e.g. train,val")
+        if not self.levels:
+            raise ConfigError("--levels is empty; name at least one feature level, e.g. pooled,fc")
+        if self.rois_per_image is not None and self.rois_per_image < 1:
+            raise ConfigError(f"--rois-per-image must be >= 1, got {self.rois_per_image}")
+        if not 0.0 < self.fg_iou <= 1.0:
+            raise ConfigError(f"--fg-iou must lie in (0, 1], got {self.fg_iou}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other; pick one")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractReport:
+    store: str
+    images_written: int
+    rois_written: int
+    seconds: float
+    complete: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class _SplitInput:
+    name: str
+    annset: AnnotationSet
+    gt: GtTable
+    gt_rows_of_image: list[np.ndarray]
+
+
+def _load_split(data: Path, name: str, adapter: TorchvisionAdapter) -> _SplitInput:
+    json_path, image_root = resolve_split(data, name)
+    annset = load_annotations(json_path, image_root)
+    if annset.num_classes != adapter.num_classes:
+        raise DatasetError(
+            f"{json_path} has {annset.num_classes} categories but the detector was trained for "
+            f"{adapter.num_classes}; use the checkpoint trained on this dataset"
+        )
+    ckpt_ids = tuple(int(c["id"]) for c in adapter.categories)
+    if ckpt_ids and ckpt_ids != annset.cat_ids:
+        raise DatasetError(f"{json_path}: category ids differ from the ones the detector was trained on; use the matching annotation file")
+    check_images_exist(annset)
+    boxes, labels, image, area, ann_id, rows_of = [], [], [], [], [], []
+    for pos, anns in enumerate(annset.annotations):
+        start = len(labels)
+        for a in anns:
+            x, y, w, h = (float(v) for v in a["bbox"])
+            boxes.append((x, y, x + w, y + h))
+            labels.append(annset.index_of[a["category_id"]])
+            image.append(pos)
+            area.append(float(a.get("area", w * h)))
+            ann_id.append(int(a.get("id", -1)))
+        rows_of.append(np.arange(start, len(labels), dtype=np.int64))
+    gt = GtTable(boxes=np.asarray(boxes, np.float32).reshape(-1, 4), labels=np.asarray(labels, np.int32),
+                 image=np.asarray(image, np.int32), area=np.asarray(area, np.float32),
+                 ann_id=np.asarray(ann_id, np.int64))
+    return _SplitInput(name=name, annset=annset, gt=gt, gt_rows_of_image=rows_of)
+
+
+def _meta(adapter: TorchvisionAdapter, ckpt: Path, inputs: list[_SplitInput], config: ExtractConfig,
+          rois_per_image: int) -> StoreMeta:
+    desc = adapter.describe()
+    detector = DetectorInfo(backend=desc["backend"], arch=desc["arch"], checkpoint_sha256=desc["checkpoint_sha256"],
+                            checkpoint_path=str(ckpt), levels=dict(adapter.levels), num_classes=adapter.num_classes)
+    dataset = DatasetInfo(
+        splits={s.name: SplitSource(annotation_path=str(s.annset.json_path),
+                                    annotation_sha256=sha256_file(s.annset.json_path),
+                                    image_root=str(s.annset.image_root)) for s in inputs},
+        category_ids=inputs[0].annset.cat_ids,
+    )
+    settings = ExtractionSettings(fg_iou=config.fg_iou, bg_iou=config.fg_iou, rois_per_image=rois_per_image,
+                                  gt_as_proposals=any(s.name in GT_PROPOSAL_SPLITS for s in inputs),
+                                  with_masks=any(s.name in MASK_SPLITS for s in inputs),
+                                  mask_size=adapter.mask_size, seed=config.seed)
+    return StoreMeta(detector=detector, dataset=dataset, extraction=settings,
+                     splits=tuple(s.name for s in inputs), num_classes=adapter.num_classes)
+
+
+def _split_spec(s: _SplitInput, config: ExtractConfig, rois_per_image: int) -> SplitSpec:
+    imgs = s.annset.images
+    max_gt = max((len(r) for r in s.gt_rows_of_image), default=0)
+    with_gt = s.name in GT_PROPOSAL_SPLITS
+    return SplitSpec(
+        name=s.name, image_ids=np.array([im.id for im in imgs], np.int64),
+        image_sizes=np.array([(im.height, im.width) for im in imgs], np.int32).reshape(-1, 2),
+        file_names=tuple(im.file_name for im in imgs), stride=rois_per_image + (max_gt if with_gt else 0),
+        levels=config.levels, gt=s.gt, with_masks=s.name in MASK_SPLITS, has_gt_proposals=with_gt,
+    )
+
+
+def _open_or_create(out: str, meta: StoreMeta, adapter: TorchvisionAdapter, inputs: list[_SplitInput],
+                    config: ExtractConfig, rois_per_image: int) -> Store:
+    if config.resume:
+        try:
+            return open_for_resume(out, meta)
+        except SchemaError as exc:
+            if "no roicache store" not in str(exc):
+                raise
+        # Nothing there yet: --resume on a fresh location just starts.
+    if config.shard.index != 0:
+        return _wait_for_store(out, meta, config.wait_for_store_s)
+    classes = class_statistics(next(s.annset for s in inputs if s.name == "train")) if any(
+        s.name == "train" for s in inputs) else class_statistics(inputs[0].annset)
+    store = create_store(out, meta=meta, classes=classes, overwrite=config.overwrite,
+                         splits=[_split_spec(s, config, rois_per_image) for s in inputs])
+    write_head_weights(store, detector_head_state(adapter.model))
+    return store
+
+
+def _wait_for_store(out: str, meta: StoreMeta, timeout_s: float) -> Store:
+    """Shards other than 0 wait for shard 0 to create the store, then check it matches."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return open_for_resume(out, meta)
+        except SchemaError as exc:
+            if "no roicache store" not in str(exc) and "not initialized" not in str(exc):
+                raise
+        if time.monotonic() > deadline:
+            raise StoreExistsError(f"shard 0 did not create the store at {out} within {timeout_s:.0f} s; start shard 0 too")
+        time.sleep(1.0)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read image {path} ({exc}); replace the file or regenerate the dataset") from None
+
+
+def _run_split(store: Store, s: _SplitInput, adapter: TorchvisionAdapter, config: ExtractConfig,
+               rois_per_image: int, progress: ExtractProgress) -> tuple[int, int]:
+    split = store.split(s.name)
+    done = split.done()
+    groups = [g for g in batch_groups(len(s.annset), config.batch_size, config.shard) if not done[g].all()]
+    with_gt = s.name in GT_PROPOSAL_SPLITS
+    with_masks = s.name in MASK_SPLITS
+    progress.start_split(s.name, images=sum(len(g) for g in groups))
+    images_written = rois_written = 0
+    for group in groups:
+        gt_boxes = [s.gt.boxes[s.gt_rows_of_image[p]] for p in group] if with_gt else None
+        outputs = adapter.run([_read_image(s.annset.image_path(p)) for p in group], gt_boxes=gt_boxes,
+                              levels=config.levels, max_proposals=rois_per_image, with_masks=with_masks)
+        for p, out in zip(group, outputs):
+            rows = s.gt_rows_of_image[p]
+            m = match_rois(rois=out.boxes, gt_boxes=s.gt.boxes[rows], gt_labels=s.gt.labels[rows], gt_rows=rows,
+                           num_classes=adapter.num_classes, fg_iou=config.fg_iou)
+            arrays = {"rois/boxes": out.boxes, "rois/objectness": out.objectness, "rois/is_gt": out.is_gt,
+                      "rois/labels": m.labels, "rois/ious": m.ious, "rois/gt_index": m.gt_index,
+                      "rois/logits": out.logits, "rois/reg_boxes": out.reg_boxes}
+            arrays.update({f"feat/{lv}": out.features[lv] for lv in config.levels})
+            if with_masks:
+                arrays["rois/mask_logits"] = out.mask_logits
+            split.write_image(p, arrays=arrays)
+            images_written += 1
+            rois_written += len(out)
+        progress.advance(images=len(group), rois=sum(len(o) for o in outputs))
+    return images_written, rois_written
+
+
+def extract(*, ckpt: Path, data: Path, out: str, config: ExtractConfig, progress: bool = True) -> ExtractReport:
+    """Fill the store at ``out`` with this shard's images; returns what was written."""
+    configure_threads(config.threads)
+    device = pick_device(config.device)
+    adapter = TorchvisionAdapter.from_checkpoint(ckpt, device=device)
+    unknown = [lv for lv in config.levels if lv not in adapter.levels]
+    if unknown:
+        raise ConfigError(f"--levels {','.join(unknown)} not produced by this detector; choose from {','.join(adapter.levels)}")
+    rois_per_image = config.rois_per_image or adapter.arch.rpn_post_nms_top_n_test
+    inputs = [_load_split(Path(data), name, adapter) for name in config.splits]
+    meta = _meta(adapter, Path(ckpt), inputs, config, rois_per_image)
+    store = _open_or_create(str(out), meta, adapter, inputs, config, rois_per_image)
+    start = time.perf_counter()
+    images = rois = 0
+    with ExtractProgress(enabled=progress) as bar:
+        for s in inputs:
+            i, r = _run_split(store, s, adapter, config, rois_per_image, bar)
+            images, rois = images + i, rois + r
+    complete = finalize(store)
+    return ExtractReport(store=store.path, images_written=images, rois_written=rois,
+                         seconds=time.perf_counter() - start, complete=complete)

@@ -1,0 +1,54 @@
+"""Evaluation: official LVIS API (with numpy-2 fixes), AP bins, detection assembly, cached eval.
+
+Modules: ``compat`` (lvis 0.5.3 fixes), ``metrics`` (BinSpec, Metrics, tables, files),
+``lvis_eval`` (evaluate_lvis), ``detections`` (per-image detections, ``det`` merging), ``masks`` (pasting, RLE),
+``cached`` (evaluate heads from the cache alone).
+"""
+
+from heads.evaluation.cached import detect_cached, evaluate_cached
+from heads.evaluation.compat import patch_lvis_numpy
+from heads.evaluation.detections import (
+    Detections,
+    assemble_detection_arrays,
+    assemble_detections,
+    masks_of,
+    merge_det,
+    select_detections,
+    to_results,
+)
+from heads.evaluation.masks import encode_masks, paste_and_encode, paste_roi_masks
+from heads.evaluation.lvis_eval import evaluate_lvis, load_gt
+from heads.evaluation.metrics import (
+    BinSpec,
+    IouMetrics,
+    Metrics,
+    format_table,
+    read_metrics,
+    write_metrics,
+    write_results,
+)
+
+__all__ = [
+    "BinSpec",
+    "Detections",
+    "IouMetrics",
+    "Metrics",
+    "assemble_detection_arrays",
+    "assemble_detections",
+    "detect_cached",
+    "encode_masks",
+    "evaluate_cached",
+    "evaluate_lvis",
+    "format_table",
+    "load_gt",
+    "masks_of",
+    "merge_det",
+    "paste_and_encode",
+    "paste_roi_masks",
+    "patch_lvis_numpy",
+    "read_metrics",
+    "select_detections",
+    "to_results",
+    "write_metrics",
+    "write_results",
+]

@@ -1,0 +1,151 @@
+"""Evaluate heads from the cache alone: cached val RoIs -> combined scores -> detections -> LVIS AP.
+
+The cache holds, per val RoI, the original head's logits, the class-agnostic regressed box and
+(class-agnostic) mask logits, so a new classification head is evaluated without the detector:
+softmax both heads, combine (``heads.combine``), assemble each image's detections exactly as
+torchvision's postprocessing would, and run the official LVIS evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+from lvis import LVIS
+
+from cache_schema.errors import ConfigError, SchemaError
+from cache_schema.records import ClassInfo, RoiSet
+from heads.combine import CombineConfig, get_rule
+from heads.evaluation.detections import assemble_detections
+from heads.evaluation.lvis_eval import evaluate_lvis
+from heads.evaluation.metrics import BinSpec, Metrics
+
+
+def _check(roiset: RoiSet, class_info: ClassInfo, cal_probs: torch.Tensor | None,
+           image_ids: np.ndarray, image_sizes: np.ndarray) -> None:
+    for col in ("logits", "reg_boxes"):
+        if getattr(roiset, col) is None:
+            raise SchemaError(f"RoiSet has no '{col}'; load the val split with columns logits, reg_boxes (and mask_logits)")
+    c1 = class_info.num_classes + 1
+    if roiset.logits.shape[1] != c1:
+        raise SchemaError(
+            f"cached logits have {roiset.logits.shape[1]} columns, the class table {class_info.num_classes}+1; "
+            "read the RoIs and the class table from the same store"
+        )
+    if cal_probs is not None and tuple(cal_probs.shape) != (len(roiset), c1):
+        raise ConfigError(
+            f"cal_probs has shape {tuple(cal_probs.shape)}, expected [{len(roiset)}, {c1}]; "
+            "score every RoI of the RoiSet with a head trained on this store"
+        )
+    positions = roiset.images.cpu().numpy()
+    if positions.size and (positions.min() < 0 or positions.max() >= len(image_ids) or positions.max() >= len(image_sizes)):
+        raise ConfigError(
+            f"image_ids/image_sizes ({len(image_ids)}/{len(image_sizes)} entries) do not cover split "
+            f"positions up to {positions.max()}; pass the split's full per-position tables"
+        )
+    if np.asarray(image_sizes).ndim != 2 or np.asarray(image_sizes).shape[1] != 2:
+        raise ConfigError(f"image_sizes has shape {np.asarray(image_sizes).shape}; expected [num_images, 2] (height, width)")
+
+
+def _iterate(n: int, progress: bool, label: str) -> Iterable[int]:
+    if not progress:
+        return range(n)
+    from rich.progress import track  # only when asked: keeps import-time light for tests
+
+    return track(range(n), description=label, total=n, transient=True)
+
+
+def detect_cached(
+    *,
+    roiset: RoiSet,
+    class_info: ClassInfo,
+    cal_probs: torch.Tensor | None,
+    combine: str,
+    config: CombineConfig,
+    image_ids: np.ndarray,
+    image_sizes: np.ndarray,
+    score_thresh: float = 0.0,
+    nms_iou: float = 0.5,
+    max_dets: int = 300,
+    progress: bool = True,
+) -> list[dict]:
+    """LVIS-format detections of every image of ``roiset`` (see :func:`evaluate_cached`)."""
+    _check(roiset, class_info, cal_probs, image_ids, image_sizes)
+    rule = get_rule(combine)
+    # Softmax once over all rows (vectorised); combination is per image because sel-scale's
+    # background means are per image, as in per-image detector inference.
+    p_orig = torch.softmax(roiset.logits.float(), dim=1)
+    # The calibrated head gives probabilities (softmax or Gumbel, see heads.models.head_scores).
+    p_cal = cal_probs.float().to(p_orig.device) if cal_probs is not None else None
+    counts = torch.as_tensor(class_info.instance_count, dtype=torch.int64)
+    positions = roiset.images.cpu().numpy()
+    results: list[dict] = []
+    for j in _iterate(roiset.num_images, progress, f"detect ({combine})"):
+        rows = roiset.rows_of(j)
+        streams = rule(p_orig=p_orig[rows], p_cal=p_cal[rows] if p_cal is not None else None,
+                       instance_count=counts, config=config)
+        h, w = (int(v) for v in image_sizes[positions[j]])
+        results += assemble_detections(
+            scores=streams if len(streams) > 1 else streams[0],
+            boxes=roiset.reg_boxes[rows],
+            mask_logits=roiset.mask_logits[rows] if roiset.mask_logits is not None else None,
+            image_size=(h, w),
+            image_id=int(image_ids[positions[j]]),
+            category_ids=class_info.category_ids,
+            score_thresh=score_thresh,
+            nms_iou=nms_iou,
+            max_dets=max_dets,
+        )
+    return results
+
+
+def evaluate_cached(
+    *,
+    roiset: RoiSet,
+    class_info: ClassInfo,
+    cal_probs: torch.Tensor | None,
+    combine: str,
+    T: float,
+    gt_json: str | os.PathLike[str] | LVIS,
+    image_ids: np.ndarray,
+    image_sizes: np.ndarray,
+    bins: BinSpec | None = None,
+    max_dets: int = 300,
+    progress: bool = True,
+    config: CombineConfig | None = None,
+    score_thresh: float = 0.0,
+    nms_iou: float = 0.5,
+    iou_types: Sequence[str] = ("segm", "bbox"),
+) -> tuple[list[dict], Metrics]:
+    """Evaluate the original head (and a calibrated one) on cached val RoIs.
+
+    Args:
+        roiset: val RoIs with ``logits`` ``[N, C+1]``, ``reg_boxes`` ``[N, 4]`` (xyxy, pixels of
+            the original image) and optionally ``mask_logits`` ``[N, M, M]``; ``images`` are
+            split positions.
+        class_info: the store's class table (json category ids, training instance counts).
+        cal_probs: float ``[N, C+1]`` calibrated head's class probabilities (background last) for the
+            same rows (``heads.models.head_scores``), or None.
+        combine: a rule of :data:`heads.combine.RULES` (``orig``, ``sel``, ``det``, ...).
+        T: instance-count threshold of the ``sel*`` rules (overrides ``config.T``).
+        gt_json: the split's annotation file (or a loaded :class:`lvis.LVIS`).
+        image_ids: int ``[S]`` json id of every split position; image_sizes: int ``[S, 2]`` (h, w).
+        bins: AP bins (default LVIS); max_dets: detections per image (300).
+        config: other combination settings (boundary, sel-thr threshold, sel-scale direction).
+        progress: show a progress bar (rich) over images.
+        score_thresh, nms_iou: detection assembly settings (torchvision semantics, 0.0 / 0.5).
+        iou_types: ``segm`` is skipped (with a note) when the RoiSet has no mask logits.
+    Returns:
+        (LVIS results list, :class:`Metrics` over exactly the RoiSet's images).
+    """
+    cfg = replace(config or CombineConfig(), T=float(T))
+    results = detect_cached(roiset=roiset, class_info=class_info, cal_probs=cal_probs, combine=combine, config=cfg,
+                            image_ids=image_ids, image_sizes=image_sizes, score_thresh=score_thresh, nms_iou=nms_iou,
+                            max_dets=max_dets, progress=progress)
+    evaluated = [int(image_ids[p]) for p in roiset.images.cpu().numpy()]
+    metrics = evaluate_lvis(gt_json=gt_json, results=results, iou_types=iou_types, bins=bins, max_dets=max_dets,
+                            image_ids=evaluated)
+    return results, metrics

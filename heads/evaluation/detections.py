@@ -1,0 +1,254 @@
+"""Turn per-RoI class scores into one image's detections (LVIS results format).
+
+Mirrors torchvision's ``RoIHeads.postprocess_detections`` for class-agnostic boxes:
+clip boxes to the image; every (RoI, class) pair with score ``> score_thresh`` is a candidate
+(strictly greater, so with the default 0.0 zero scores are dropped, exactly as torchvision does);
+RoIs whose box is narrower or lower than 1e-2 px are removed; per-class NMS
+(``torchvision.ops.batched_nms``, with an exact shortcut for many candidates, see ``_nms_top``);
+the ``max_dets`` highest scores are kept. Candidates are ordered RoI-major, class-minor, as in
+torchvision; results are identical to it (tested) except possibly among exactly equal scores.
+
+Masks are class-agnostic: each kept RoI's mask is pasted ONCE (sigmoid, pasted into the box at
+image size pixel-identically to torchvision's ``paste_masks_in_image``, ``> 0.5``;
+:mod:`heads.evaluation.masks`) and RLE-encoded once, and that RLE
+is reused for every detection of the RoI — exact, and far cheaper than pasting per detection.
+Boxes (and the pasted masks) live in the pixel frame of ``image_size`` — the original image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.ops import batched_nms, boxes as box_ops, nms
+
+from cache_schema.errors import ConfigError
+from heads.evaluation.masks import paste_and_encode, paste_roi_masks
+
+MIN_BOX_SIZE = 1e-2  # torchvision's remove_small_boxes threshold in postprocess_detections
+
+
+def _batched_nms_goes_per_class(boxes: torch.Tensor) -> bool:
+    """Whether torchvision 0.29's batched_nms would run one NMS per class (more than 4000 box
+    coordinates on CPU, 20000 elsewhere) rather than one NMS over class-offset boxes; the two
+    round IoUs differently, so mirroring its choice keeps results bit-identical."""
+    return boxes.numel() > (4000 if boxes.device.type == "cpu" else 20000)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Detections:
+    """One image's detections as tensors (sorted by descending score).
+
+    Attributes:
+        roi_index: int64 ``[D]`` row of the RoI (in the scores given) each detection comes from.
+        labels: int64 ``[D]`` contiguous class ``0..C-1``.
+        scores: float32 ``[D]``.
+        boxes: float32 ``[D, 4]`` xyxy, pixels of the image.
+        stream: int64 ``[D]`` score stream each came from (0; ``det`` merging: 0 orig, 1 cal).
+    """
+
+    roi_index: torch.Tensor
+    labels: torch.Tensor
+    scores: torch.Tensor
+    boxes: torch.Tensor
+    stream: torch.Tensor
+
+    def __post_init__(self) -> None:
+        d = self.scores.shape[0]
+        if any(t.shape[0] != d for t in (self.roi_index, self.labels, self.boxes, self.stream)):
+            raise ConfigError("Detections: columns differ in length")
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def take(self, keep: torch.Tensor) -> "Detections":
+        return Detections(roi_index=self.roi_index[keep], labels=self.labels[keep], scores=self.scores[keep],
+                          boxes=self.boxes[keep], stream=self.stream[keep])
+
+
+def _check_inputs(scores: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> None:
+    if scores.ndim != 2:
+        raise ConfigError(f"scores has shape {tuple(scores.shape)}; expected [R, C] foreground scores")
+    if boxes.shape != (scores.shape[0], 4):
+        raise ConfigError(f"boxes has shape {tuple(boxes.shape)}; expected [{scores.shape[0]}, 4] class-agnostic xyxy boxes")
+    if len(image_size) != 2 or min(int(s) for s in image_size) <= 0:
+        raise ConfigError(f"image_size {tuple(image_size)} must be (height, width) > 0")
+
+
+def _check_settings(nms_iou: float, max_dets: int) -> None:
+    if not 0.0 < nms_iou <= 1.0:
+        raise ConfigError(f"nms_iou={nms_iou} must be in (0, 1]; torchvision's default is 0.5")
+    if max_dets < 1:
+        raise ConfigError(f"max_dets={max_dets} must be >= 1; LVIS uses 300")
+
+
+def _per_class_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:
+    """Greedy NMS run separately in each class; kept indices by descending score."""
+    keep = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+    order = torch.argsort(labels, stable=True)
+    counts = torch.unique_consecutive(labels[order], return_counts=True)[1]
+    for members in torch.split(order, counts.tolist()):
+        if members.shape[0] == 1:
+            keep[members] = True  # a lone candidate of its class always survives
+        else:
+            keep[members[nms(boxes[members], scores[members], iou)]] = True
+    kept = torch.nonzero(keep).squeeze(1)
+    return kept[scores[kept].sort(descending=True)[1]]
+
+
+def _nms_top(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float, max_dets: int) -> torch.Tensor:
+    """Indices of the ``max_dets`` best detections left by per-class NMS, by descending score.
+
+    Same result as ``batched_nms(boxes, scores, labels + 1, iou)[:max_dets]`` (the ``+ 1`` is
+    torchvision's label numbering, which its class-offset trick depends on), but faster for the
+    tens of thousands of candidates a 0.0 score threshold leaves: a candidate's fate in greedy
+    NMS depends only on higher-scoring candidates of its class, so NMS over the ``k`` best
+    candidates decides those exactly; once ``max_dets`` of them survive, nothing outside them can
+    enter the top ``max_dets`` (up to exact score ties at the cut), else ``k`` grows.
+    """
+    n = scores.shape[0]
+    if not _batched_nms_goes_per_class(boxes):
+        return batched_nms(boxes, scores, labels + 1, iou)[:max_dets]
+    k = min(n, 4 * max_dets)
+    while True:
+        top = torch.topk(scores, k, sorted=True).indices
+        kept = top[_per_class_nms(boxes[top], scores[top], labels[top], iou)]
+        if kept.shape[0] >= max_dets or k == n:
+            return kept[:max_dets]
+        k = min(n, 4 * k)
+
+
+def select_detections(
+    *,
+    scores: torch.Tensor,
+    boxes: torch.Tensor,
+    image_size: tuple[int, int],
+    score_thresh: float = 0.0,
+    nms_iou: float = 0.5,
+    max_dets: int = 300,
+    stream: int = 0,
+) -> Detections:
+    """Detections of one score stream: ``scores`` float ``[R, C]``, ``boxes`` float ``[R, 4]``
+    xyxy class-agnostic regressed boxes (see module doc for the exact rule)."""
+    _check_inputs(scores, boxes, image_size)
+    _check_settings(nms_iou, max_dets)
+    boxes = box_ops.clip_boxes_to_image(boxes.float(), (int(image_size[0]), int(image_size[1])))
+    scores = scores.float()
+    # Small-box removal depends only on the RoI (boxes are class-agnostic): do it per RoI.
+    roi_ok = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    roi_ok[box_ops.remove_small_boxes(boxes, min_size=MIN_BOX_SIZE)] = True
+    rois, classes = torch.nonzero((scores > score_thresh) & roi_ok[:, None], as_tuple=True)  # row-major
+    cand_boxes, cand_scores = boxes[rois], scores[rois, classes]
+    keep = _nms_top(cand_boxes, cand_scores, classes, nms_iou, max_dets)
+    return Detections(roi_index=rois[keep], labels=classes[keep], scores=cand_scores[keep], boxes=cand_boxes[keep],
+                      stream=torch.full((keep.shape[0],), stream, dtype=torch.int64, device=keep.device))
+
+
+def merge_det(*, dets: Sequence[Detections], nms_iou: float = 0.5, max_dets: int = 300) -> Detections:
+    """The ``det`` rule: union of several heads' detection sets of one image, per-class NMS,
+    the ``max_dets`` highest scores kept (classic detection-level ensembling)."""
+    if not dets:
+        raise ConfigError("merge_det needs at least one detection set")
+    _check_settings(nms_iou, max_dets)
+    union = Detections(**{f: torch.cat([getattr(d, f) for d in dets]) for f in ("roi_index", "labels", "scores", "boxes", "stream")})
+    keep = _nms_top(union.boxes, union.scores, union.labels, nms_iou, max_dets)
+    return union.take(keep)
+
+
+def assemble_detection_arrays(
+    *,
+    scores: torch.Tensor | Sequence[torch.Tensor],
+    boxes: torch.Tensor,
+    image_size: tuple[int, int],
+    score_thresh: float = 0.0,
+    nms_iou: float = 0.5,
+    max_dets: int = 300,
+) -> Detections:
+    """Detections of one image as arrays. ``scores``: one ``[R, C]`` tensor, or several score
+    streams of the same RoIs (the ``det`` rule), which are detected separately and merged."""
+    streams = [scores] if isinstance(scores, torch.Tensor) else list(scores)
+    sets = [
+        select_detections(scores=s, boxes=boxes, image_size=image_size, score_thresh=score_thresh,
+                          nms_iou=nms_iou, max_dets=max_dets, stream=i)
+        for i, s in enumerate(streams)
+    ]
+    return sets[0] if len(sets) == 1 else merge_det(dets=sets, nms_iou=nms_iou, max_dets=max_dets)
+
+
+def _unique_rois(dets: Detections) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RoIs with a detection, index of each detection's RoI in that list)."""
+    return torch.unique(dets.roi_index, return_inverse=True)
+
+
+def masks_of(*, dets: Detections, mask_logits: torch.Tensor, reg_boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """bool ``[D, H, W]`` mask of each detection (each RoI pasted once; for plots and tests).
+
+    ``reg_boxes`` are the same per-RoI boxes given to the assembly (clipped as it clips them).
+    """
+    rois, inverse = _unique_rois(dets)
+    boxes = box_ops.clip_boxes_to_image(reg_boxes.float()[rois], (int(image_size[0]), int(image_size[1])))
+    return paste_roi_masks(mask_logits=mask_logits[rois], boxes=boxes, image_size=image_size)[inverse]
+
+
+def to_results(
+    *,
+    dets: Detections,
+    image_id: int,
+    category_ids: Sequence[int],
+    mask_logits: torch.Tensor | None = None,
+    image_size: tuple[int, int] | None = None,
+) -> list[dict]:
+    """LVIS results dicts (``image_id, category_id, bbox`` xywh, ``score``, ``segmentation`` RLE
+    when ``mask_logits`` ``[R, M, M]`` are given); each RoI's mask pasted and encoded once."""
+    if len(dets) == 0:
+        return []
+    cats = np.asarray(category_ids, dtype=np.int64)
+    if int(dets.labels.max()) >= len(cats):
+        raise ConfigError(f"category_ids has {len(cats)} entries but a label is {int(dets.labels.max())}; pass one json id per class")
+    xyxy = dets.boxes.double().cpu().numpy()
+    xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1).tolist()
+    labels = cats[dets.labels.cpu().numpy()].tolist()
+    scores = dets.scores.cpu().tolist()
+    out = [{"image_id": int(image_id), "category_id": c, "bbox": b, "score": s} for c, b, s in zip(labels, xywh, scores)]
+    if mask_logits is not None:
+        if image_size is None:
+            raise ConfigError("to_results: image_size (h, w) is needed to paste masks")
+        rois, inverse = _unique_rois(dets)
+        # All detections of one RoI carry its one class-agnostic box, so any copy is that box.
+        roi_boxes = dets.boxes.new_zeros((rois.shape[0], 4))
+        roi_boxes[inverse] = dets.boxes
+        rles = paste_and_encode(mask_logits=mask_logits[rois], boxes=roi_boxes, image_size=image_size)
+        for r, i in zip(out, inverse.tolist()):
+            r["segmentation"] = rles[i]
+    return out
+
+
+def assemble_detections(
+    *,
+    scores: torch.Tensor | Sequence[torch.Tensor],
+    boxes: torch.Tensor,
+    mask_logits: torch.Tensor | None,
+    image_size: tuple[int, int],
+    image_id: int,
+    category_ids: Sequence[int],
+    score_thresh: float = 0.0,
+    nms_iou: float = 0.5,
+    max_dets: int = 300,
+) -> list[dict]:
+    """One image's detections in LVIS results format.
+
+    Args:
+        scores: float32 ``[R, C]`` combined foreground scores (or several streams, ``det`` rule).
+        boxes: float32 ``[R, 4]`` class-agnostic regressed boxes, xyxy, pixels of the image.
+        mask_logits: ``[R, M, M]`` class-agnostic mask logits on ``boxes``, or None (no masks).
+        image_size: (height, width) of the image the boxes are in.
+        image_id: json image id.
+        category_ids: ``C`` json category ids (contiguous class -> id).
+    """
+    if mask_logits is not None and mask_logits.shape[0] != boxes.shape[0]:
+        raise ConfigError(f"mask_logits has {mask_logits.shape[0]} rows, boxes {boxes.shape[0]}; both are per RoI")
+    dets = assemble_detection_arrays(scores=scores, boxes=boxes, image_size=image_size, score_thresh=score_thresh,
+                                     nms_iou=nms_iou, max_dets=max_dets)
+    return to_results(dets=dets, image_id=image_id, category_ids=category_ids, mask_logits=mask_logits, image_size=image_size)

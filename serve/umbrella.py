@@ -1,0 +1,144 @@
+"""``roicache``: the umbrella command — datasets, the default detector, store upkeep, the demo.
+
+The three stage commands stay separate (``extract``, ``heads``, ``serve``); this one holds what
+comes before and around them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from cache_schema import export_hdf5, inspect_store, validate_store
+from cache_schema.cli_support import fail, friendly_errors
+from cache_schema.runtime import configure_threads
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+data_app = typer.Typer(no_args_is_help=True, help="Build datasets: the synthetic benchmark, COCO-LT.")
+detector_app = typer.Typer(no_args_is_help=True, help="Train the small default detector.")
+cache_app = typer.Typer(no_args_is_help=True, help="Check, summarise and export a store.")
+app.add_typer(data_app, name="data")
+app.add_typer(detector_app, name="detector")
+app.add_typer(cache_app, name="cache")
+
+
+@data_app.command("synth")
+@friendly_errors
+def data_synth(
+    out: Path = typer.Option(..., help="Output dataset directory (must not exist or be empty)."),
+    num_classes: int = typer.Option(200, help="Number of glyph classes."),
+    train_images: int = typer.Option(3200, help="Training images."),
+    val_images: int = typer.Option(370, help="Validation images (every class appears)."),
+    image_size: int = typer.Option(256, help="Image side in pixels."),
+    seed: int = typer.Option(0, help="Seed; the same seed gives byte-identical files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Generate the embedded long-tailed benchmark (LVIS v1 format, openmoji glyphs)."""
+    from extract.datasets import SynthConfig, generate
+
+    config = SynthConfig(num_classes=num_classes, train_images=train_images, val_images=val_images,
+                         image_size=image_size, seed=seed)
+    path = generate(config, out, progress=not quiet, overwrite=overwrite)
+    Console().print(f"benchmark written to {path}")
+
+
+@data_app.command("coco-lt")
+@friendly_errors
+def data_coco_lt(
+    src: Path = typer.Option(..., help="COCO-format training annotation file."),
+    out: Path = typer.Option(..., help="Output json (COCO-LT training file, LVIS fields added)."),
+    seed: int = typer.Option(0, help="Sampling seed (recorded in the output's info)."),
+) -> None:
+    """Build COCO-LT from a COCO training file (SimCal supplement C/I)."""
+    from extract.datasets import build_coco_lt
+
+    summary = build_coco_lt(src, out, seed=seed)
+    Console().print(f"COCO-LT written to {out}: {summary.get('images', '?')} images, {summary.get('instances', '?')} instances")
+
+
+@detector_app.command("train")
+@friendly_errors
+def detector_train(
+    data: Path = typer.Option(..., help="Dataset directory holding train.json and images/."),
+    out: Path = typer.Option(..., help="Run directory; resumes from OUT/last.pt when present."),
+    max_steps: int = typer.Option(None, help="Optimiser steps (default: the built-in schedule)."),
+    time_budget: float = typer.Option(None, help="Stop after this many seconds (default: the schedule's budget)."),
+    seed: int = typer.Option(0, help="Seed of initialisation and sampling."),
+    processes: int = typer.Option(None, help="Training processes (CPU data parallel)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train the small default Mask R-CNN from scratch on a dataset (plain random sampling)."""
+    from dataclasses import replace
+
+    from extract.detectors.train import train_detector
+    from extract.detectors.train_config import DetectorTrainConfig
+
+    config = DetectorTrainConfig(seed=seed)
+    overrides = {k: v for k, v in (("max_steps", max_steps), ("time_budget_s", time_budget),
+                                   ("processes", processes)) if v is not None}
+    config = replace(config, **overrides)
+    path = train_detector(data_dir=data, out_dir=out, config=config, progress=not quiet)
+    Console().print(f"detector checkpoint: {path}")
+
+
+@cache_app.command("validate")
+@friendly_errors
+def cache_validate(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    ckpt: Path = typer.Option(None, help="Check the store was built from this detector checkpoint."),
+    annotations: list[str] = typer.Option(None, help="SPLIT=FILE: check the split was built from this annotation file."),
+    shallow: bool = typer.Option(False, "--shallow", help="Skip decoding every chunk."),
+) -> None:
+    """Check layout, completion, chunk integrity and recorded input hashes; exit 1 on problems."""
+    files = {}
+    for item in annotations or []:
+        split, sep, path = item.partition("=")
+        if not sep:
+            fail(f"--annotations {item!r} is not SPLIT=FILE (e.g. val=data/val.json)")
+        files[split] = path
+    report = validate_store(store, checkpoint=ckpt, annotations=files or None, deep=not shallow)
+    for problem in report.problems:
+        typer.echo(f"problem: {problem}", err=True)
+    if not report.ok:
+        raise typer.Exit(1)
+    Console().print(f"{store}: ok")
+
+
+@cache_app.command("inspect")
+@friendly_errors
+def cache_inspect(store: str = typer.Argument(..., help="Store path or URL."),
+                  as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """Summarise a store: images, RoIs, foreground ratio, per-bin classes, bytes per RoI."""
+    summary = inspect_store(store)
+    typer.echo(json.dumps(dataclasses.asdict(summary), indent=2) if as_json else summary.format())
+
+
+@cache_app.command("export-hdf5")
+@friendly_errors
+def cache_export(store: str = typer.Argument(..., help="Store path or URL."),
+                 out: Path = typer.Option(..., help="HDF5 file to write."),
+                 levels: str = typer.Option(None, help="Comma-separated levels (default: all stored).")) -> None:
+    """Export a complete store to one HDF5 file (h5py)."""
+    chosen = tuple(v for v in levels.split(",") if v) if levels else None
+    path = export_hdf5(store, out, levels=chosen)
+    Console().print(f"exported to {path}")
+
+
+@app.command("demo")
+@friendly_errors
+def demo(out: Path = typer.Option(Path("runs/demo"), help="Run directory; valid artifacts in it are reused."),
+         quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")) -> None:
+    """The whole pipeline on the embedded benchmark: data, detector, extract, calibrate, inject, evaluate."""
+    from serve.demo import run_demo
+
+    configure_threads()
+    run_demo(out_dir=out, progress=not quiet)
+
+
+def main() -> None:
+    app()
