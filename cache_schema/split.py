@@ -265,14 +265,19 @@ class SplitStore:
 
     def _roiset(self, sel: np.ndarray, counts: np.ndarray, level: str | None, columns: tuple[str, ...], device: str | torch.device) -> RoiSet:
         paths = self._paths_for(level, tuple(columns))
-        cols = {field: torch.from_numpy(self._read_array(path, sel, counts)) for field, path in paths.items()}
-        for field in ("labels", "gt_index"):  # RoiSet's index columns are int64
-            if field in cols:
-                cols[field] = cols[field].to(torch.int64)
-        offsets = torch.zeros(len(sel) + 1, dtype=torch.int64)
-        torch.cumsum(torch.from_numpy(counts), 0, out=offsets[1:])
-        image_index = torch.repeat_interleave(torch.from_numpy(sel), torch.from_numpy(counts))
-        roiset = RoiSet(image_index=image_index, image_offsets=offsets, images=torch.from_numpy(sel.copy()), **cols)
+        # numpy only, then zero-copy torch.from_numpy: no torch kernels run here, so the reader is
+        # also safe in forked children whose parent already used torch's thread pool.
+        cols = {}
+        for field, path in paths.items():
+            values = self._read_array(path, sel, counts)
+            if field in ("labels", "gt_index"):  # RoiSet's index columns are int64
+                values = values.astype(np.int64)
+            cols[field] = torch.from_numpy(values)
+        offsets = np.zeros(len(sel) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        image_index = np.repeat(sel, counts)
+        roiset = RoiSet(image_index=torch.from_numpy(image_index), image_offsets=torch.from_numpy(offsets),
+                        images=torch.from_numpy(sel.copy()), **cols)
         return roiset if torch.device(device).type == "cpu" else roiset.to(device)
 
     def image_block(self, i: int, *, level: str | None = None, columns: tuple[str, ...] = ()) -> RoiSet:

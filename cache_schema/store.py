@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from cache_schema.errors import ConfigError, SchemaError, StoreExistsError, StoreIncompleteError, StoreMismatchError
+from cache_schema.errors import ConfigError, SchemaError, StoreExistsError, StoreMismatchError
 from cache_schema.layout import (
     COMPLETE_ATTR,
     FREQUENCY_CODES,

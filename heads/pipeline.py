@@ -37,6 +37,7 @@ def store_identity(store: Store) -> dict:
         "detector_sha256": meta.detector.checkpoint_sha256,
         "category_ids": list(meta.dataset.category_ids),
         "train_annotation_sha256": meta.dataset.splits["train"].annotation_sha256 if "train" in meta.dataset.splits else None,
+        "train_annotation_path": meta.dataset.splits["train"].annotation_path if "train" in meta.dataset.splits else None,
     }
 
 
@@ -79,7 +80,10 @@ def train_from_store(*, cache: str, config: TrainConfig, out_dir: Path, stream: 
         )
     init_state = read_head_weights(store) if config.head.name in FROM_DETECTOR else None
     val = store.split("val").load(level=level) if "val" in store.splits else None
-    meta = {"store": store_identity(store), "store_path": store.path, "level": level}
+    # Dual-head inference needs the training instance counts; record them with the head so that
+    # `serve inject` works without the store.
+    meta = {"store": store_identity(store), "store_path": store.path, "level": level,
+            "instance_count": [int(v) for v in store.classes.instance_count]}
     return train_head(config=config, source=choose_source(store, level, stream=stream), class_info=store.classes,
                       init_state=init_state, out_dir=out_dir, val=val, device=device, progress=progress,
                       init_from=store.meta.detector.checkpoint_sha256, meta=meta)

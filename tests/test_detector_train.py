@@ -105,7 +105,12 @@ def test_lr_schedule_hand_values():
 
 def test_sampling_covers_each_epoch_once_and_splits_ranks():
     n, b, w = 10, 2, 2
-    seen = [i for s in range(5) for r in range(w) for i in batch_indices(seed=1, step=s, rank=r, batch_size=b, world=w, num_images=n)]
+    seen = [
+        i
+        for s in range(5)
+        for r in range(w)
+        for i in batch_indices(seed=1, step=s, rank=r, batch_size=b, world=w, num_images=n)
+    ]
     assert sorted(seen[:10]) == list(range(10))  # steps 0-4 = epoch 0, every image once
     ranks = [batch_indices(seed=1, step=0, rank=r, batch_size=b, world=w, num_images=n) for r in range(w)]
     assert not set(ranks[0]) & set(ranks[1])
@@ -143,3 +148,62 @@ def test_config_validation_and_epochs(tmp_path):
             dataset=ToyShapes(num_images=2), categories=ToyShapes.categories[:2], out_dir=tmp_path,
             config=_config(), arch=tiny_arch(), progress=False,
         )
+
+
+def test_train_detector_reads_a_dataset_directory(tmp_path):
+    from extract.datasets.synthetic import generate
+    from extract.datasets.synthetic_config import SynthConfig
+
+    from cache_schema.runtime import sha256_file
+    from extract.detectors.train import train_detector
+
+    synth = SynthConfig(
+        num_classes=6, train_images=6, val_images=10, image_size=80, min_objects=2, max_objects=4,
+        min_object_frac=0.15, max_object_frac=0.45, min_visible_pixels=12, seed=3,
+    )
+    data_dir = generate(synth, tmp_path / "ds", progress=False, workers=1)
+    path = train_detector(
+        data_dir=data_dir, out_dir=tmp_path / "run", config=_config(max_steps=3),
+        arch=tiny_arch(num_classes=6, image_size=80), progress=False,
+    )
+    loaded = load_detector(path)
+    train = json.loads((data_dir / "train.json").read_text())
+    expected = sorted(({"id": c["id"], "name": c["name"]} for c in train["categories"]), key=lambda c: c["id"])
+    assert list(loaded.categories) == expected
+    assert loaded.meta["data"]["train_json_sha256"] == sha256_file(data_dir / "train.json")
+    assert loaded.meta["num_train_images"] == 6 and loaded.meta["steps_done"] == 3
+    with pytest.raises(ConfigError, match="num_classes"):
+        train_detector(data_dir=data_dir, out_dir=tmp_path / "x", config=_config(), arch=tiny_arch(), progress=False)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_is_deterministic_across_resume(data, tmp_path):
+    """gloo DDP on CPU (2 spawned processes): an interrupted + resumed run equals a straight one."""
+    config = _config(max_steps=4, processes=2)
+    straight = _train(data, tmp_path / "a", config)
+    assert _train(data, tmp_path / "b", config, stop_after_steps=2) == tmp_path / "b" / "last.pt"
+    resumed = _train(data, tmp_path / "b", config)
+    a, b = load_detector(straight), load_detector(resumed)
+    assert a.meta["global_batch"] == 4 and a.meta["steps_done"] == 4
+    assert a.meta["loss_history"] == b.meta["loss_history"] and a.sha256 == b.sha256
+
+
+class _BrokenImage(ToyShapes):
+    """A toy set whose image 5 is unreadable, as a dataset raises for a missing file."""
+
+    def __getitem__(self, index):
+        if index == 5:
+            from cache_schema.errors import DatasetError
+
+            raise DatasetError("image 5 is missing; regenerate the dataset")
+        return super().__getitem__(index)
+
+
+@pytest.mark.slow
+def test_a_worker_error_reaches_the_caller_with_its_type(tmp_path):
+    from cache_schema.errors import DatasetError
+
+    data = _BrokenImage(num_images=8, seed=0)
+    with pytest.raises(DatasetError, match="image 5 is missing"):
+        _train(data, tmp_path, _config(max_steps=4, processes=2))
+    assert not list(tmp_path.glob(".train_error.*"))

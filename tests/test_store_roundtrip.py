@@ -210,16 +210,16 @@ def test_interrupted_creation_is_refused(tmp_path):
 
 def _load_sum(path: str, queue) -> None:
     rs = open_store(path).split("train").load(level="fc")
-    queue.put(float(rs.features.float().sum()))
+    queue.put(float(rs.features.numpy().astype(np.float64).sum()))  # numpy: no torch kernels in the child
 
 
 def test_reader_works_in_a_forked_child(built):
     """A forked child (like a DataLoader worker) inherits the parent's reader pool object but not
-    its threads; it must build its own instead of hanging."""
+    its threads, nor torch's; the reader must neither reuse the dead pool nor run torch kernels."""
     import multiprocessing as mp
 
     _, path = built
-    parent = float(open_store(path).split("train").load(level="fc").features.float().sum())
+    parent = float(open_store(path).split("train").load(level="fc").features.numpy().astype(np.float64).sum())
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_load_sum, args=(str(path), queue))

@@ -44,7 +44,9 @@ class TorchvisionAdapter:
         self.mask_size = arch.mask_size
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> "TorchvisionAdapter":
+    def from_checkpoint(
+        cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+    ) -> "TorchvisionAdapter":
         """Load a ``roicache.detector`` checkpoint (see :func:`load_detector`) onto ``device``."""
         return cls(detector=load_detector(Path(path), device=device), device=device)
 
@@ -71,7 +73,9 @@ class TorchvisionAdapter:
                 raise ConfigError(f"adapter.run: image {i} is {got}; pass RGB uint8 arrays of shape [H, W, 3]")
         if gt_boxes is not None:
             if len(gt_boxes) != len(images):
-                raise ConfigError(f"adapter.run: {len(gt_boxes)} GT box arrays for {len(images)} images; give one per image")
+                raise ConfigError(
+                    f"adapter.run: {len(gt_boxes)} GT box arrays for {len(images)} images; give one per image"
+                )
             for i, g in enumerate(gt_boxes):
                 if not isinstance(g, np.ndarray) or g.ndim != 2 or g.shape[1] != 4 or not np.isfinite(g).all():
                     raise ConfigError(f"adapter.run: gt_boxes[{i}] must be a finite float array [G, 4] (xyxy pixels)")

@@ -54,16 +54,20 @@ class RoiOutputs:
         ]
         for name, arr, shape, dtype in checks:
             if arr.shape != shape or arr.dtype != dtype:
-                raise SchemaError(f"RoiOutputs.{name}: got {arr.dtype}{list(arr.shape)}, expected {np.dtype(dtype)}{list(shape)}")
+                got, want = f"{arr.dtype}{list(arr.shape)}", f"{np.dtype(dtype)}{list(shape)}"
+                raise SchemaError(f"RoiOutputs.{name}: got {got}, expected {want}")
         if self.logits.ndim != 2 or self.logits.shape[0] != r or self.logits.dtype != np.float32:
-            raise SchemaError(f"RoiOutputs.logits: got {self.logits.dtype}{list(self.logits.shape)}, expected float32[{r}, C+1]")
+            got = f"{self.logits.dtype}{list(self.logits.shape)}"
+            raise SchemaError(f"RoiOutputs.logits: got {got}, expected float32[{r}, C+1]")
         for name, arr in self.features.items():
             if arr.shape[0] != r or arr.dtype != np.float32:
-                raise SchemaError(f"RoiOutputs.features[{name!r}]: got {arr.dtype}{list(arr.shape)}, expected float32[{r}, ...]")
+                got = f"{arr.dtype}{list(arr.shape)}"
+                raise SchemaError(f"RoiOutputs.features[{name!r}]: got {got}, expected float32[{r}, ...]")
         if self.mask_logits is not None and (
             self.mask_logits.ndim != 3 or self.mask_logits.shape[0] != r or self.mask_logits.dtype != np.float32
         ):
-            raise SchemaError(f"RoiOutputs.mask_logits: got {list(self.mask_logits.shape)}, expected float32[{r}, M, M]")
+            got = f"{self.mask_logits.dtype}{list(self.mask_logits.shape)}"
+            raise SchemaError(f"RoiOutputs.mask_logits: got {got}, expected float32[{r}, M, M]")
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])

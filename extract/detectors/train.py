@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torchvision
 from torch import nn
 
+from cache_schema import errors
 from cache_schema.errors import ConfigError, DatasetError
 from cache_schema.runtime import configure_threads, sha256_file
 from extract.detectors.arch import DetectorArch
@@ -44,6 +45,7 @@ from extract.detectors.train_state import (
 FINAL_NAME = "detector.pt"
 STATE_NAME = "last.pt"
 LOG_NAME = "train_log.json"
+ERROR_PREFIX = ".train_error."
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,14 +157,38 @@ def run_training(
         source=dict(source or {}),
     )
     if config.processes == 1:
-        _worker(0, job, 0)
+        threads_before = torch.get_num_threads()
+        try:
+            _worker(0, job, 0)
+        finally:
+            torch.set_num_threads(threads_before)  # leave the caller's setting as it was
     else:
-        torch.multiprocessing.spawn(_worker, args=(job, _free_port()), nprocs=config.processes, join=True)
+        _spawn(job)
     steps_done = load_train_state(state_path).step
     log = json.loads((out_dir / LOG_NAME).read_text()) if (out_dir / LOG_NAME).exists() else {}
     # detector.pt matches last.pt only when the finish log was written at the same step.
     finished = final.exists() and log.get("steps_done") == steps_done
     return final if finished else state_path
+
+
+def _spawn(job: _Job) -> None:
+    """Run ``processes`` workers; a typed error in any of them is re-raised here with its type.
+
+    ``torch.multiprocessing.spawn`` stops the other workers when one fails and raises a generic
+    exception holding the traceback text, so workers leave their typed error in a small file.
+    """
+    for old in job.out_dir.glob(f"{ERROR_PREFIX}*.json"):
+        old.unlink()
+    try:
+        torch.multiprocessing.spawn(_worker, args=(job, _free_port()), nprocs=job.config.processes, join=True)
+    except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException):
+        for path in sorted(job.out_dir.glob(f"{ERROR_PREFIX}*.json")):
+            record = json.loads(path.read_text())
+            path.unlink()
+            kind = getattr(errors, record["type"], None)
+            if isinstance(kind, type) and issubclass(kind, errors.RoicacheError):
+                raise kind(record["message"]) from None
+        raise
 
 
 def _free_port() -> int:
@@ -179,6 +205,11 @@ def _worker(rank: int, job: _Job, port: int) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         _train_loop(rank=rank, world=world, job=job)
+    except errors.RoicacheError as exc:
+        if world > 1:
+            record = {"type": type(exc).__name__, "message": str(exc)}
+            (job.out_dir / f"{ERROR_PREFIX}{rank}.json").write_text(json.dumps(record))
+        raise
     finally:
         if world > 1:
             dist.destroy_process_group()

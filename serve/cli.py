@@ -1,0 +1,94 @@
+"""``serve``: put a calibrated head back into the detector and evaluate it the way the papers do."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from cache_schema.cli_support import fail, friendly_errors
+from heads.evaluation import BinSpec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _floats(text: str | None) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(math.inf if v.strip() in ("inf", "∞") else float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        fail(f"--sweep-T {text!r} must be comma-separated numbers, e.g. 10,30,100,300,1000")
+
+
+@app.command("inject")
+@friendly_errors
+def inject_command(
+    ckpt: Path = typer.Option(..., help="Original detector checkpoint."),
+    head: Path = typer.Option(..., help="Run directory (or head.pt) from `heads train`."),
+    out: Path = typer.Option(..., help="New checkpoint to write."),
+    combine: str = typer.Option("sel", help="sel | cal-only | avg | sel-thr | sel-scale | sel-norm | det | orig | replace"),
+    T: float = typer.Option(300.0, "--T", help="sel*: classes with at most T training instances use the calibrated head."),
+    boundary: str = typer.Option("le", help="le (N <= T, paper) | lt (N < T, official code)."),
+) -> None:
+    """Write a detector checkpoint carrying the calibrated head and the combination rule."""
+    from serve.inject import inject
+
+    path = inject(ckpt=ckpt, head=head, combine=combine, T=T, out=out, boundary=boundary)
+    Console().print(f"wrote {path} ({combine}{'' if combine == 'replace' else f', T={T:g}'})")
+
+
+@app.command("eval")
+@friendly_errors
+def eval_command(
+    ckpt: Path = typer.Option(..., help="Detector checkpoint, plain or injected."),
+    data: Path = typer.Option(..., help="Dataset directory (val.json + images) or the val json."),
+    out: Path = typer.Option(None, help="Where results and metrics go (default: next to the checkpoint)."),
+    combine: str = typer.Option(None, help="Comma-separated rules to evaluate (default: the checkpoint's)."),
+    T: float = typer.Option(None, "--T", help="Override the injected threshold."),
+    sweep_T: str = typer.Option(None, "--sweep-T", help="Evaluate sel at each T, e.g. 10,30,100,300,1000 (SimCal Fig. 4c)."),
+    bins: str = typer.Option("lvis", help="AP-bin preset: lvis | coco-lt."),
+    device: str = typer.Option(None, help="auto | cpu | cuda[:i]"),
+    batch_size: int = typer.Option(4, help="Images per detector batch."),
+    limit: int = typer.Option(None, help="Evaluate only the first N val images (quick check)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Full inference on the val images with dual-head scoring; mask and box AP with the LVIS API."""
+    from serve.evaluate import evaluate_detector
+
+    combines = tuple(c.strip() for c in combine.split(",") if c.strip()) if combine else None
+    run = evaluate_detector(ckpt=ckpt, data=data, out_dir=out or ckpt.parent / f"eval_{ckpt.stem}",
+                            combines=combines, T=T, sweep_T=_floats(sweep_T), bins=BinSpec.preset(bins),
+                            device=device, batch_size=batch_size, progress=not quiet, limit=limit)
+    console = Console()
+    console.print(run.table())
+    console.print(f"{run.images} images, inference {run.images / max(run.inference_seconds, 1e-9):.2f} img/s; "
+                  f"results in {run.out_dir}")
+
+
+@app.command("calibrate-online")
+@friendly_errors
+def calibrate_online_command(
+    ckpt: Path = typer.Option(..., help="Detector checkpoint."),
+    cache: str = typer.Option(..., help="Store of the same detector (its RoI index drives the sampler)."),
+    out: Path = typer.Option(..., help="Run directory."),
+    config: Path = typer.Option(None, help="TOML run config (same as `heads train`)."),
+    steps: int = typer.Option(None, help="Optimiser steps."),
+    seed: int = typer.Option(None, help="Seed."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """SimCal the slow way: every step runs the frozen detector on the sampled images."""
+    from heads.config import load_config
+    from serve.online import calibrate_online
+
+    overrides = {k: v for k, v in {"schedule.max_steps": steps, "run.seed": seed}.items() if v is not None}
+    result = calibrate_online(ckpt=ckpt, cache=cache, config=load_config(config, overrides), out_dir=out,
+                              progress=not quiet)
+    Console().print(f"head written to {result.head_path} ({result.steps} steps, "
+                    f"{result.steps_per_second or 0:.2f} steps/s)")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,105 @@
+"""A detector with two classification heads: the original and the calibrated one (SimCal §4.2).
+
+Every RoI the detector keeps at test time is scored by both heads; the combination rule
+(:mod:`heads.combine`) turns the two probability vectors into one, and the detector's own
+post-processing (class-wise NMS, top ``max_dets``, class-agnostic masks) turns scores into
+detections (:func:`heads.evaluation.assemble_detections`, checked equal to torchvision's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache_schema.errors import ConfigError
+from extract.detectors.adapter import TorchvisionAdapter
+from extract.detectors.base import RoiOutputs
+from extract.detectors.checkpoint import load_detector, read_torch_file
+from heads.combine import RULES, CombineConfig, get_rule
+from heads.evaluation import assemble_detections
+from heads.models import build_head, head_scores
+from serve.inject import Calibration, read_calibration
+
+
+@dataclass(frozen=True, kw_only=True)
+class Combination:
+    """How the two heads' scores are merged at inference (overridable at eval time)."""
+
+    combine: str = "orig"
+    T: float = 300.0
+    boundary: str = "le"
+
+    def __post_init__(self) -> None:
+        if self.combine not in RULES:
+            raise ConfigError(f"unknown combine scheme {self.combine!r}; choose from {', '.join(RULES)}")
+
+
+class DualHeadDetector:
+    """A loaded detector checkpoint, plain or injected, that scores RoIs with one or two heads."""
+
+    def __init__(self, *, path: Path, device: torch.device) -> None:
+        self.path = Path(path)
+        self.device = device
+        loaded = load_detector(self.path, device=device)
+        self.adapter = TorchvisionAdapter(detector=loaded, device=device)
+        self.category_ids = tuple(int(c["id"]) for c in loaded.categories)
+        self.calibration: Calibration | None = read_calibration(read_torch_file(self.path, what="detector checkpoint"))
+        self.head = None
+        if self.calibration is not None:
+            spec = self.calibration.spec
+            self.head = build_head(spec, init_state=None, seed=0)
+            self.head.load_state_dict(self.calibration.state_dict)
+            self.head.to(device).eval()
+        cal = self.calibration
+        self.default = Combination(combine=cal.combine, T=cal.T, boundary=cal.boundary) if cal else Combination()
+
+    @property
+    def level(self) -> str | None:
+        return None if self.calibration is None else self.calibration.spec.level
+
+    def check(self, combination: Combination) -> None:
+        if combination.combine != "orig" and self.calibration is None:
+            raise ConfigError(f"{self.path} carries no calibrated head, so only --combine orig applies; "
+                              "inject a head first with `serve inject`")
+
+    def run_images(self, images: list[np.ndarray], *, max_proposals: int | None = None) -> list[RoiOutputs]:
+        """RoI outputs of the detector on ``images`` (test-time proposals, masks on regressed boxes)."""
+        levels = (self.level,) if self.level else ("fc",)
+        return self.adapter.run(images, gt_boxes=None, levels=levels, with_masks=True,
+                                max_proposals=max_proposals or self.adapter.arch.rpn_post_nms_top_n_test)
+
+    @torch.inference_mode()
+    def probabilities(self, out: RoiOutputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(p_orig, p_cal)``, each float32 ``[R, C+1]`` (background last); ``p_cal`` is None
+        for a plain detector."""
+        p_orig = torch.softmax(torch.from_numpy(out.logits).float(), dim=1)
+        if self.head is None:
+            return p_orig, None
+        x = torch.from_numpy(out.features[self.level]).to(self.device).float()
+        return p_orig, head_scores(self.calibration.spec, self.head(x)).float().cpu()
+
+    def scores(self, out: RoiOutputs, combination: Combination) -> tuple[torch.Tensor, ...]:
+        """Combined foreground scores: one ``[R, C]`` tensor (two for ``det``)."""
+        self.check(combination)
+        p_orig, p_cal = self.probabilities(out)
+        counts = torch.as_tensor(self.calibration.instance_count if self.calibration else
+                                 (0,) * (p_orig.shape[1] - 1), dtype=torch.int64)
+        config = CombineConfig(T=combination.T, boundary=combination.boundary)
+        return get_rule(combination.combine)(p_orig=p_orig, p_cal=p_cal, instance_count=counts, config=config)
+
+    def detections(self, out: RoiOutputs, combination: Combination, *, image_id: int,
+                   image_size: tuple[int, int], max_dets: int = 300) -> list[dict]:
+        """LVIS-format detections of one image under ``combination``."""
+        streams = self.scores(out, combination)
+        arch = self.adapter.arch
+        return assemble_detections(
+            scores=streams if len(streams) > 1 else streams[0], boxes=torch.from_numpy(out.reg_boxes),
+            mask_logits=None if out.mask_logits is None else torch.from_numpy(out.mask_logits),
+            image_size=image_size, image_id=image_id, category_ids=self.category_ids,
+            score_thresh=arch.box_score_thresh, nms_iou=arch.box_nms_thresh, max_dets=max_dets)
+
+    def with_default(self, **changes) -> Combination:
+        return replace(self.default, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,146 @@
+"""Checkpoint surgery: put a head trained from the cache back into the detector checkpoint.
+
+Two outputs:
+- dual-head (``--combine sel`` and the other rules): the original checkpoint plus a
+  ``"calibration"`` record holding the new head (spec + weights), the combination rule, its
+  threshold and the training instance counts. roicache's loader (:mod:`serve.dual`) rebuilds the
+  detector and scores every RoI with both heads.
+- ``--combine replace``: a checkpoint in plain torchvision layout whose classifier *is* the new
+  head, loadable into ``torchvision.models.detection.MaskRCNN`` without roicache
+  (:func:`serve.plain.build_plain_torchvision`). Only a head that replaces the classifier layer
+  alone (``lastfc``) can do this: the others change the shared fcs the box regressor also reads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cache_schema.errors import CheckpointError, ConfigError
+from cache_schema.runtime import sha256_file
+from extract.datasets.lvis_json import class_statistics, load_annotations
+from extract.detectors.checkpoint import atomic_torch_save, read_torch_file
+from heads.combine import RULES
+from heads.models import HeadSpec, load_head
+
+CALIBRATION_KEY = "calibration"
+REPLACEABLE_HEADS = ("lastfc",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """The calibration record of an injected checkpoint.
+
+    Attributes:
+        combine: a rule of :data:`heads.combine.RULES`.
+        T: threshold on training instances for the ``sel*`` rules.
+        boundary: ``"le"`` (N <= T, paper) or ``"lt"`` (N < T, official code).
+        instance_count: ``C`` training instance counts (from the head's store).
+        spec: the head's :class:`heads.models.HeadSpec`.
+        state_dict: the head's weights.
+        head_meta: the head's provenance (store identity, config, seed).
+    """
+
+    combine: str
+    T: float
+    boundary: str
+    instance_count: tuple[int, ...]
+    spec: HeadSpec
+    state_dict: dict
+    head_meta: dict
+
+    def __post_init__(self) -> None:
+        if self.combine not in RULES:
+            raise ConfigError(f"unknown combine scheme {self.combine!r}; choose from {', '.join(RULES)} or replace")
+        if self.boundary not in ("le", "lt"):
+            raise ConfigError(f"boundary {self.boundary!r} must be le or lt")
+        if len(self.instance_count) != self.spec.num_classes:
+            raise CheckpointError("calibration record: instance counts and head classes differ; re-inject")
+
+    def to_payload(self) -> dict:
+        return {"combine": self.combine, "T": float(self.T) if math.isfinite(self.T) else "inf",
+                "boundary": self.boundary, "instance_count": list(self.instance_count),
+                "spec": self.spec.to_dict(), "state_dict": self.state_dict, "head_meta": self.head_meta}
+
+    @classmethod
+    def from_payload(cls, d: dict) -> "Calibration":
+        try:
+            return cls(combine=d["combine"], T=float(d["T"]), boundary=d["boundary"],
+                       instance_count=tuple(int(v) for v in d["instance_count"]),
+                       spec=HeadSpec.from_dict(d["spec"]), state_dict=d["state_dict"], head_meta=d.get("head_meta", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"calibration record is malformed ({type(exc).__name__}: {exc}); re-inject the head") from None
+
+
+def _head_path(head: Path) -> Path:
+    head = Path(head)
+    return head / "head.pt" if head.is_dir() else head
+
+
+def _check_head_fits(payload: dict, ckpt: Path, head_meta: dict, spec: HeadSpec, head_path: Path) -> None:
+    """Refuse a head trained from a store of another detector or class set."""
+    store = head_meta.get("store") or {}
+    sha = sha256_file(ckpt)
+    if store.get("detector_sha256") not in (sha, None) or (spec.init_from not in (None, sha) and not store):
+        raise CheckpointError(
+            f"head {head_path} was trained on RoIs of another detector (sha256 {str(store.get('detector_sha256'))[:12]}…, "
+            f"this checkpoint {sha[:12]}…); train it on a store extracted with {ckpt}"
+        )
+    ids = [int(c["id"]) for c in payload["categories"]]
+    if store.get("category_ids") is not None and list(store["category_ids"]) != ids:
+        raise CheckpointError(f"head {head_path} was trained for another class set than {ckpt}; use a head from this detector's store")
+    if spec.num_classes != len(ids):
+        raise CheckpointError(f"head {head_path} has {spec.num_classes} classes, detector {ckpt} has {len(ids)}")
+
+
+def _instance_counts(head_meta: dict, num_classes: int) -> tuple[int, ...]:
+    counts = head_meta.get("instance_count")
+    if counts is not None and len(counts) == num_classes:
+        return tuple(int(v) for v in counts)
+    train_json = (head_meta.get("store") or {}).get("train_annotation_path")
+    if train_json and Path(train_json).is_file():
+        return tuple(int(v) for v in class_statistics(load_annotations(Path(train_json))).instance_count)
+    raise CheckpointError("the head does not record the training instance counts dual-head inference needs; "
+                          "retrain it with this roicache version")
+
+
+def inject(*, ckpt: Path, head: Path, combine: str, T: float, out: Path, boundary: str = "le") -> Path:
+    """Write ``out``: ``ckpt`` with ``head`` injected under rule ``combine`` (or ``replace``)."""
+    ckpt, out = Path(ckpt), Path(out)
+    if combine != "replace" and combine not in RULES:
+        raise ConfigError(f"unknown combine scheme {combine!r}; choose from {', '.join(RULES)} or replace")
+    payload = read_torch_file(ckpt, what="detector checkpoint")
+    if not isinstance(payload, dict) or payload.get("format") != "roicache.detector":
+        raise CheckpointError(f"{ckpt} is not a roicache detector checkpoint; give the file `roicache detector train` wrote")
+    if CALIBRATION_KEY in payload:
+        raise CheckpointError(f"{ckpt} already carries a calibrated head; inject into the original checkpoint")
+    head_path = _head_path(head)
+    module, spec, head_meta = load_head(head_path)
+    _check_head_fits(payload, ckpt, head_meta, spec, head_path)
+    if out.resolve() == ckpt.resolve():
+        raise ConfigError("--out must differ from --ckpt; the original checkpoint is kept untouched")
+    if combine == "replace":
+        from serve.plain import replace_classifier  # local: only this branch needs it
+
+        new = replace_classifier(payload, module, spec)
+    else:
+        calib = Calibration(combine=combine, T=T, boundary=boundary,
+                            instance_count=_instance_counts(head_meta, spec.num_classes), spec=spec,
+                            state_dict={k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+                            head_meta=head_meta)
+        new = {**payload, CALIBRATION_KEY: calib.to_payload()}
+    new["meta"] = {**payload.get("meta", {}), "injected": {"head": str(head_path), "head_sha256": sha256_file(head_path),
+                                                           "combine": combine, "T": T if math.isfinite(T) else "inf",
+                                                           "source_checkpoint_sha256": sha256_file(ckpt)}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(new, out)
+    return out
+
+
+def read_calibration(payload: dict) -> Calibration | None:
+    """The calibration record of a loaded checkpoint payload, or ``None`` for a plain detector."""
+    record = payload.get(CALIBRATION_KEY)
+    return None if record is None else Calibration.from_payload(record)

@@ -1,0 +1,98 @@
+"""Online calibration: the SimCal recipe run the slow way, through the frozen detector.
+
+Same sampler, head, loss, schedule and seed as ``heads train``; the only difference is where a
+step's RoI features come from. Here every step runs the detector on the images the sampler drew
+(backbone, RPN, RoIAlign, shared fcs), exactly what SimCal's calibration does; ``heads train``
+reads the same RoIs from the store. The store still supplies the RoI *index* (which image holds
+which labelled RoIs), so both runs draw identical batches and differ only by the store's float16
+rounding of the features.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cache_schema import Store, open_store
+from cache_schema.errors import DatasetError, StoreMismatchError
+from cache_schema.head_init import read_head_weights
+from cache_schema.records import RoiSet
+from cache_schema.runtime import configure_threads, pick_device, sha256_file
+from extract.detectors.adapter import TorchvisionAdapter
+from heads.config import TrainConfig
+from heads.models import level_for_head
+from heads.pipeline import FROM_DETECTOR, store_identity
+from heads.sources import StreamingRoiSource
+from heads.train import TrainResult, train_head
+
+
+class DetectorFetch:
+    """``positions -> RoiSet``: runs the frozen detector on those train images, now."""
+
+    def __init__(self, *, adapter: TorchvisionAdapter, store: Store, level: str) -> None:
+        self.adapter = adapter
+        self.level = level
+        split = store.split("train")
+        self.max_proposals = store.meta.extraction.rois_per_image
+        source = store.meta.dataset.splits["train"]
+        self.image_root = Path(source.image_root)
+        self.file_names = split.file_names
+        gt = split.gt()
+        order = np.argsort(gt.image, kind="stable")
+        self.gt_boxes, self.gt_image = gt.boxes[order], gt.image[order]
+        self.seconds_in_detector = 0.0
+
+    def _image(self, p: int) -> np.ndarray:
+        path = self.image_root / self.file_names[p]
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except OSError as exc:
+            raise DatasetError(f"cannot read training image {path} ({exc}); online calibration needs the images") from None
+
+    def __call__(self, positions: np.ndarray) -> RoiSet:
+        positions = np.asarray(positions, dtype=np.int64)
+        lo = np.searchsorted(self.gt_image, positions, side="left")
+        hi = np.searchsorted(self.gt_image, positions, side="right")
+        gts = [self.gt_boxes[a:b] for a, b in zip(lo, hi)]
+        t0 = time.perf_counter()
+        outs = self.adapter.run([self._image(int(p)) for p in positions], gt_boxes=gts, levels=(self.level,),
+                                max_proposals=self.max_proposals, with_masks=False)
+        self.seconds_in_detector += time.perf_counter() - t0
+        counts = np.array([len(o) for o in outs], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        feats = torch.from_numpy(np.concatenate([o.features[self.level] for o in outs])).float()
+        n = int(offsets[-1])
+        # Labels come from the store's index (the sampler already chose rows by them); these
+        # placeholder columns only carry the row grouping the source checks.
+        return RoiSet(labels=torch.zeros(n, dtype=torch.int64), ious=torch.zeros(n),
+                      image_index=torch.from_numpy(np.repeat(positions, counts)),
+                      image_offsets=torch.from_numpy(offsets), images=torch.from_numpy(positions), features=feats)
+
+
+def calibrate_online(*, ckpt: Path, cache: str, config: TrainConfig, out_dir: Path, progress: bool = True,
+                     device: str | None = None) -> TrainResult:
+    """Train the head ``config`` names with features computed by the detector at every step."""
+    configure_threads(config.run.threads or None)
+    store = open_store(cache)
+    if sha256_file(ckpt) != store.meta.detector.checkpoint_sha256:
+        raise StoreMismatchError(f"store {store.path} was extracted with another checkpoint than {ckpt}; "
+                                 "use the detector the store was built from")
+    level = level_for_head(config.head.name)
+    adapter = TorchvisionAdapter.from_checkpoint(ckpt, device=pick_device(device or config.run.device))
+    fetch = DetectorFetch(adapter=adapter, store=store, level=level)
+    split = store.split("train")
+    source = StreamingRoiSource(index_roiset=split.load(level=None), fetch_images=fetch,
+                                num_classes=store.meta.num_classes, feature_shape=tuple(adapter.levels[level]))
+    init_state = read_head_weights(store) if config.head.name in FROM_DETECTOR else None
+    meta = {"store": store_identity(store), "store_path": store.path, "level": level, "online": True,
+            "instance_count": [int(v) for v in store.classes.instance_count]}
+    result = train_head(config=config, source=source, class_info=store.classes, init_state=init_state,
+                        out_dir=out_dir, val=None, device=device, progress=progress,
+                        init_from=store.meta.detector.checkpoint_sha256, meta=meta)
+    (Path(out_dir) / "online_timing.txt").write_text(f"seconds_in_detector {fetch.seconds_in_detector:.3f}\n")
+    return result
