@@ -335,9 +335,15 @@ def load_head(path: str | os.PathLike[str], *, map_location: str | torch.device 
         raise CheckpointError(f"head file {path} has format_version {payload.get('format_version')}, "
                               f"this roicache reads {HEAD_FORMAT_VERSION}")
     spec = HeadSpec.from_dict(payload["spec"])
+    head = head_from_state(spec, payload["state_dict"], where=f"head file {path}")
+    return head.to(map_location).eval(), spec, payload.get("meta", {})
+
+
+def head_from_state(spec: HeadSpec, state_dict: dict, *, where: str = "head") -> nn.Module:
+    """The head ``spec`` describes holding the trained weights ``state_dict`` (no initialisation)."""
     head = HEADS[spec.name](spec=spec)
     try:
-        head.load_state_dict(payload["state_dict"])
+        head.load_state_dict(state_dict)
     except RuntimeError as e:
-        raise CheckpointError(f"head file {path}: weights do not fit spec {spec.name} ({str(e).splitlines()[0]})") from e
-    return head.to(map_location).eval(), spec, payload.get("meta", {})
+        raise CheckpointError(f"{where}: weights do not fit spec {spec.name} ({str(e).splitlines()[0]})") from e
+    return head.eval()

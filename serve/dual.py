@@ -20,7 +20,7 @@ from extract.detectors.base import RoiOutputs
 from extract.detectors.checkpoint import load_detector, read_torch_file
 from heads.combine import RULES, CombineConfig, get_rule
 from heads.evaluation import assemble_detections
-from heads.models import build_head, head_scores
+from heads.models import head_from_state, head_scores
 from serve.inject import Calibration, read_calibration
 
 
@@ -50,9 +50,7 @@ class DualHeadDetector:
         self.head = None
         if self.calibration is not None:
             spec = self.calibration.spec
-            self.head = build_head(spec, init_state=None, seed=0)
-            self.head.load_state_dict(self.calibration.state_dict)
-            self.head.to(device).eval()
+            self.head = head_from_state(spec, self.calibration.state_dict, where=f"{self.path} calibration").to(device)
         cal = self.calibration
         self.default = Combination(combine=cal.combine, T=cal.T, boundary=cal.boundary) if cal else Combination()
 

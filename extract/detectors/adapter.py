@@ -164,7 +164,7 @@ class TorchvisionAdapter:
 
     def _run_batch(self, images, gt_boxes, levels, max_proposals, with_masks) -> list[RoiOutputs]:
         model, heads = self.model, self.model.roi_heads
-        tensors = [torch.from_numpy(img).to(self.device).permute(2, 0, 1).float().div_(255.0) for img in images]
+        tensors = [torch.from_numpy(np.require(img, requirements=["W"])).to(self.device).permute(2, 0, 1).float().div_(255.0) for img in images]
         original_sizes = [tuple(t.shape[-2:]) for t in tensors]
         image_list, _ = model.transform(tensors)
         sizes = image_list.image_sizes
