@@ -19,7 +19,7 @@ from extract.detectors.adapter import TorchvisionAdapter
 from extract.detectors.base import RoiOutputs
 from extract.detectors.checkpoint import load_detector, read_torch_file
 from heads.combine import RULES, CombineConfig, get_rule
-from heads.evaluation import assemble_detections
+from heads.evaluation import assemble_detection_arrays, assemble_detections
 from heads.models import head_from_state, head_scores
 from serve.inject import Calibration, read_calibration
 
@@ -63,11 +63,29 @@ class DualHeadDetector:
             raise ConfigError(f"{self.path} carries no calibrated head, so only --combine orig applies; "
                               "inject a head first with `serve inject`")
 
-    def run_images(self, images: list[np.ndarray], *, max_proposals: int | None = None) -> list[RoiOutputs]:
-        """RoI outputs of the detector on ``images`` (test-time proposals, masks on regressed boxes)."""
+    def run_images(self, images: list[np.ndarray], *, combinations: tuple[Combination, ...] = (),
+                   max_proposals: int | None = None) -> list[RoiOutputs]:
+        """RoI outputs of the detector on ``images`` (test-time proposals). Mask logits are
+        computed, as in torchvision's inference, only for RoIs that become a detection under one
+        of ``combinations`` (all RoIs when none is given)."""
         levels = (self.level,) if self.level else ("fc",)
-        return self.adapter.run(images, gt_boxes=None, levels=levels, with_masks=True,
+        selector = (lambda out, size: self.detected_rows(out, combinations, size)) if combinations else None
+        return self.adapter.run(images, gt_boxes=None, levels=levels, with_masks=True, mask_rows=selector,
                                 max_proposals=max_proposals or self.adapter.arch.rpn_post_nms_top_n_test)
+
+    def detected_rows(self, out: RoiOutputs, combinations: tuple[Combination, ...],
+                      image_size: tuple[int, int]) -> np.ndarray:
+        """RoIs (rows of ``out``) kept as a detection by any of ``combinations``."""
+        arch = self.adapter.arch
+        rows = []
+        for combination in combinations:
+            streams = self.scores(out, combination)
+            dets = assemble_detection_arrays(scores=streams if len(streams) > 1 else streams[0],
+                                             boxes=torch.from_numpy(out.reg_boxes), image_size=image_size,
+                                             score_thresh=arch.box_score_thresh, nms_iou=arch.box_nms_thresh,
+                                             max_dets=arch.box_detections_per_img)
+            rows.append(dets.roi_index.cpu().numpy())
+        return np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
 
     @torch.inference_mode()
     def probabilities(self, out: RoiOutputs) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -51,7 +51,7 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def run_inference(detector: DualHeadDetector, annset, *, batch_size: int, progress: bool,
-                  limit: int | None = None) -> list:
+                  combinations: tuple[Combination, ...] = (), limit: int | None = None) -> list:
     """RoI outputs of every val image (in position order), with a progress bar (images/s)."""
     n = len(annset) if limit is None else min(limit, len(annset))
     outputs = []
@@ -60,7 +60,7 @@ def run_inference(detector: DualHeadDetector, annset, *, batch_size: int, progre
         task = bar.add_task("inference", total=n, rate="")
         for lo in range(0, n, batch_size):
             idx = range(lo, min(lo + batch_size, n))
-            outputs += detector.run_images([_read_image(annset.image_path(p)) for p in idx])
+            outputs += detector.run_images([_read_image(annset.image_path(p)) for p in idx], combinations=combinations)
             rate = f"{len(outputs) / max(time.perf_counter() - start, 1e-9):.2f} img/s"
             bar.update(task, advance=len(idx), rate=rate)
     return outputs
@@ -96,7 +96,8 @@ def evaluate_detector(*, ckpt: Path, data: Path, out_dir: Path, combines: tuple[
     for c in wanted:
         detector.check(c)
     t0 = time.perf_counter()
-    outputs = run_inference(detector, annset, batch_size=batch_size, progress=progress, limit=limit)
+    outputs = run_inference(detector, annset, batch_size=batch_size, progress=progress,
+                            combinations=tuple(wanted), limit=limit)
     inference_s = time.perf_counter() - t0
     images = annset.images[: len(outputs)]
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ grouping by size keeps every image's outputs independent of what it was batched 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +102,7 @@ class TorchvisionAdapter:
         levels: tuple[str, ...] = ("fc",),
         max_proposals: int = 300,
         with_masks: bool = False,
+        mask_rows: Callable[[RoiOutputs, tuple[int, int]], np.ndarray] | None = None,
     ) -> list[RoiOutputs]:
         """RoI outputs per image (see the module docstring); order follows ``images``.
 
@@ -110,6 +113,10 @@ class TorchvisionAdapter:
             levels: feature levels to return (``"fc"``, ``"pooled"``).
             max_proposals: RPN proposals kept per image after NMS, highest objectness first.
             with_masks: also compute class-agnostic mask logits on the regressed boxes.
+            mask_rows: with ``with_masks``, compute masks only for the rows this returns (given the
+                image's outputs without masks and its original (height, width)); other rows' mask logits are left 0. Full inference
+                uses it as torchvision does: the mask head runs only on the RoIs that became
+                detections (exact for a class-agnostic mask head, and ~5x cheaper).
         """
         levels = tuple(levels)
         self._check_inputs(images, gt_boxes, levels, max_proposals, with_masks)
@@ -119,7 +126,7 @@ class TorchvisionAdapter:
         results: list[RoiOutputs | None] = [None] * len(images)
         for members in by_size.values():
             gts = None if gt_boxes is None else [gt_boxes[i] for i in members]
-            outs = self._run_batch([images[i] for i in members], gts, levels, max_proposals, with_masks)
+            outs = self._run_batch([images[i] for i in members], gts, levels, max_proposals, with_masks, mask_rows)
             for i, out in zip(members, outs):
                 results[i] = out
         return results  # type: ignore[return-value]
@@ -162,7 +169,7 @@ class TorchvisionAdapter:
             logits_out.append(logit[keep])
         return boxes_out, logits_out
 
-    def _run_batch(self, images, gt_boxes, levels, max_proposals, with_masks) -> list[RoiOutputs]:
+    def _run_batch(self, images, gt_boxes, levels, max_proposals, with_masks, mask_rows=None) -> list[RoiOutputs]:
         model, heads = self.model, self.model.roi_heads
         tensors = [torch.from_numpy(np.require(img, requirements=["W"])).to(self.device).permute(2, 0, 1).float().div_(255.0) for img in images]
         original_sizes = [tuple(t.shape[-2:]) for t in tensors]
@@ -190,7 +197,7 @@ class TorchvisionAdapter:
         counts = [len(r) for r in rois]
         reg = [box_ops.clip_boxes_to_image(b, s) for b, s in zip(decoded.split(counts), sizes)]
         masks = None
-        if with_masks:
+        if with_masks and mask_rows is None:
             mask_features = heads.mask_head(heads.mask_roi_pool(features, reg, sizes))
             masks = heads.mask_predictor.raw_logits(mask_features)[:, 0].split(counts)
         # torchvision's background is column 0; the cache puts it last.
@@ -212,7 +219,22 @@ class TorchvisionAdapter:
                     mask_logits=None if masks is None else _np(masks[i]),
                 )
             )
+        if with_masks and mask_rows is not None:
+            outs = [self._selected_masks(out, r, s, features, i, mask_rows(out, original_sizes[i]))
+                    for i, (out, r, s) in enumerate(zip(outs, reg, sizes))]
         return outs
+
+    def _selected_masks(self, out: RoiOutputs, reg: torch.Tensor, size, features, i: int, rows) -> RoiOutputs:
+        """``out`` with mask logits for ``rows`` (zeros elsewhere)."""
+        heads = self.model.roi_heads
+        rows = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        m = self.mask_size
+        logits = np.zeros((len(out), m, m), dtype=np.float32)
+        if len(rows):
+            one = {k: v[i : i + 1] for k, v in features.items()}
+            feats = heads.mask_head(heads.mask_roi_pool(one, [reg[rows.to(reg.device)]], [size]))
+            logits[rows.numpy()] = _np(heads.mask_predictor.raw_logits(feats)[:, 0])
+        return replace(out, mask_logits=logits)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
