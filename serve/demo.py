@@ -8,6 +8,8 @@ speed-up against the online recipe, cached-vs-full evaluation, and plots under t
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,16 +17,17 @@ from pathlib import Path
 from rich.console import Console
 
 from cache_schema import open_store
-from cache_schema.errors import SchemaError
-from cache_schema.runtime import sha256_file
+from cache_schema.errors import RoicacheError, SchemaError
+from cache_schema.runtime import available_cores, sha256_file
 from extract.datasets import SynthConfig, generate
 from extract.detectors.train import train_detector
 from extract.detectors.train_config import DetectorTrainConfig
 from extract.writer import ExtractConfig, extract
 from heads.config import load_config
+from heads.models import load_head
 from heads.evaluation import format_table
 from heads.pipeline import evaluate_from_store, train_from_store
-from serve.evaluate import evaluate_detector
+from serve.evaluate import evaluate_detector, load_eval_run
 from serve.inject import inject
 from serve.online import calibrate_online
 from serve.plots import plot_bins, plot_per_class
@@ -57,6 +60,35 @@ def _reusable_store(path: Path, ckpt: Path) -> bool:
     except SchemaError:
         return False
     return store.is_complete and store.meta.detector.checkpoint_sha256 == sha256_file(ckpt)
+
+
+def _finished_run(run: Path, config, store: Path) -> bool:
+    """A head run that finished with exactly ``config`` on this store (so it can be reused)."""
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+        same_config = load_config(run / "config.toml", None) == config
+        _, _, meta = load_head(run / "head.pt")
+    except (OSError, ValueError, RoicacheError):
+        return False
+    return same_config and metrics.get("steps") == config.schedule.max_steps and \
+        meta.get("store", {}).get("detector_sha256") == open_store(store).meta.detector.checkpoint_sha256
+
+
+def _extract_parallel(ckpt: Path, data: Path, store: Path, config: ExtractConfig, progress: bool) -> None:
+    """Fill the store with one shard process per core (each single-threaded: on a busy 2-core box
+    that beats one process with two threads); shard 0 creates it, all resume what is missing."""
+    shards = max(1, min(available_cores(), 4))
+    if shards == 1:
+        extract(ckpt=ckpt, data=data, out=str(store), progress=progress, config=replace(config, resume=True))
+        return
+    args = [sys.executable, "-m", "extract", "--ckpt", str(ckpt), "--data", str(data), "--out", str(store),
+            "--splits", ",".join(config.splits), "--levels", ",".join(config.levels), "--resume",
+            "--threads", "1", "--batch-size", str(config.batch_size)]
+    procs = [subprocess.Popen([*args, "--shard", f"{i}/{shards}", *([] if progress and i == 0 else ["--quiet"])])
+             for i in range(shards)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise RoicacheError(f"extraction shard(s) failed with exit codes {codes}; rerun `roicache demo` to resume")
 
 
 def _timed_calibration(out: Path, store: Path, ckpt: Path, overrides: dict, steps: int, progress: bool) -> dict:
@@ -102,22 +134,24 @@ def run_demo(*, out_dir: Path, progress: bool = True, config: DemoConfig | None 
     t = _step(console, "3/6 extract")
     store = out_dir / "cache.zarr"
     if not _reusable_store(store, ckpt):
-        resume = store.exists()
-        extract(ckpt=ckpt, data=data, out=str(store), progress=progress,
-                config=replace(cfg.extract, resume=resume))
+        _extract_parallel(ckpt, data, store, cfg.extract, progress)
     timings["extract"] = time.perf_counter() - t
 
     t = _step(console, "4/6 heads train (bi-level, 3fc_ft)")
     run = out_dir / "heads" / "simcal"
-    result = train_from_store(cache=str(store), config=load_config(None, cfg.calibration), out_dir=run, progress=progress)
+    calib = load_config(None, cfg.calibration)
+    if _finished_run(run, calib, store):
+        console.print(f"reusing the calibrated head in {run}")
+    else:
+        result = train_from_store(cache=str(store), config=calib, out_dir=run, progress=progress)
+        console.print(f"calibration: {result.steps} steps, {result.steps_per_second or 0:.1f} steps/s")
     timings["calibrate"] = time.perf_counter() - t
-    console.print(f"calibration: {result.steps} steps")
 
     t = _step(console, "5/6 serve inject + full evaluation")
     injected = out_dir / "detector_sel.pt"
     inject(ckpt=ckpt, head=run, combine="sel", T=cfg.T, out=injected)
-    full = evaluate_detector(ckpt=injected, data=data, out_dir=out_dir / "eval_full",
-                             combines=("orig", "cal-only", "sel"), progress=progress)
+    full = load_eval_run(out_dir / "eval_full", injected) or evaluate_detector(
+        ckpt=injected, data=data, out_dir=out_dir / "eval_full", combines=("orig", "cal-only", "sel"), progress=progress)
     timings["full_eval"] = time.perf_counter() - t
 
     t = _step(console, "6/6 cached evaluation and calibration speed")

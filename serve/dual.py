@@ -64,18 +64,21 @@ class DualHeadDetector:
                               "inject a head first with `serve inject`")
 
     def run_images(self, images: list[np.ndarray], *, combinations: tuple[Combination, ...] = (),
-                   max_proposals: int | None = None) -> list[RoiOutputs]:
+                   max_proposals: int | None = None, max_dets: int = 300) -> list[RoiOutputs]:
         """RoI outputs of the detector on ``images`` (test-time proposals). Mask logits are
-        computed, as in torchvision's inference, only for RoIs that become a detection under one
-        of ``combinations`` (all RoIs when none is given)."""
+        computed, as in torchvision's inference, only for RoIs that become one of the top
+        ``max_dets`` detections under one of ``combinations`` (all RoIs when none is given);
+        ``max_dets`` must be the one :meth:`detections` is called with."""
         levels = (self.level,) if self.level else ("fc",)
-        selector = (lambda out, size: self.detected_rows(out, combinations, size)) if combinations else None
+        selector = ((lambda out, size: self.detected_rows(out, combinations, size, max_dets=max_dets))
+                    if combinations else None)
         return self.adapter.run(images, gt_boxes=None, levels=levels, with_masks=True, mask_rows=selector,
                                 max_proposals=max_proposals or self.adapter.arch.rpn_post_nms_top_n_test)
 
     def detected_rows(self, out: RoiOutputs, combinations: tuple[Combination, ...],
-                      image_size: tuple[int, int]) -> np.ndarray:
-        """RoIs (rows of ``out``) kept as a detection by any of ``combinations``."""
+                      image_size: tuple[int, int], *, max_dets: int = 300) -> np.ndarray:
+        """RoIs (rows of ``out``) kept as one of the top ``max_dets`` detections by any of
+        ``combinations``."""
         arch = self.adapter.arch
         rows = []
         for combination in combinations:
@@ -83,7 +86,7 @@ class DualHeadDetector:
             dets = assemble_detection_arrays(scores=streams if len(streams) > 1 else streams[0],
                                              boxes=torch.from_numpy(out.reg_boxes), image_size=image_size,
                                              score_thresh=arch.box_score_thresh, nms_iou=arch.box_nms_thresh,
-                                             max_dets=arch.box_detections_per_img)
+                                             max_dets=max_dets)
             rows.append(dets.roi_index.cpu().numpy())
         return np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
 

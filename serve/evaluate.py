@@ -17,9 +17,9 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cache_schema.errors import DatasetError
-from cache_schema.runtime import configure_threads, pick_device
+from cache_schema.runtime import configure_threads, pick_device, sha256_file
 from extract.datasets.lvis_json import check_images_exist, load_annotations, resolve_split
-from heads.evaluation import BinSpec, Metrics, evaluate_lvis, format_table, write_metrics, write_results
+from heads.evaluation import BinSpec, Metrics, evaluate_lvis, format_table, read_metrics, write_metrics, write_results
 from serve.dual import Combination, DualHeadDetector
 
 
@@ -37,6 +37,20 @@ class EvalRun:
         return format_table(self.rows)
 
 
+def load_eval_run(out_dir: Path, ckpt: Path) -> EvalRun | None:
+    """A finished evaluation of exactly ``ckpt`` in ``out_dir`` (to reuse it), or ``None``."""
+    path = Path(out_dir) / "eval_summary.json"
+    try:
+        summary = json.loads(path.read_text())
+        if summary.get("checkpoint_sha256") != sha256_file(ckpt):
+            return None
+        rows = {name: read_metrics(Path(out_dir) / f"metrics_{name.replace('@T=', '_T')}.json") for name in summary["rows"]}
+    except (OSError, ValueError, KeyError):
+        return None
+    return EvalRun(rows=rows, images=summary["images"], inference_seconds=summary["inference_seconds"],
+                   evaluation_seconds=summary["evaluation_seconds"], out_dir=Path(out_dir))
+
+
 def _progress(enabled: bool) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), disable=not enabled)
@@ -51,7 +65,8 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def run_inference(detector: DualHeadDetector, annset, *, batch_size: int, progress: bool,
-                  combinations: tuple[Combination, ...] = (), limit: int | None = None) -> list:
+                  combinations: tuple[Combination, ...] = (), limit: int | None = None,
+                  max_dets: int = 300) -> list:
     """RoI outputs of every val image (in position order), with a progress bar (images/s)."""
     n = len(annset) if limit is None else min(limit, len(annset))
     outputs = []
@@ -60,7 +75,8 @@ def run_inference(detector: DualHeadDetector, annset, *, batch_size: int, progre
         task = bar.add_task("inference", total=n, rate="")
         for lo in range(0, n, batch_size):
             idx = range(lo, min(lo + batch_size, n))
-            outputs += detector.run_images([_read_image(annset.image_path(p)) for p in idx], combinations=combinations)
+            outputs += detector.run_images([_read_image(annset.image_path(p)) for p in idx], combinations=combinations,
+                                           max_dets=max_dets)
             rate = f"{len(outputs) / max(time.perf_counter() - start, 1e-9):.2f} img/s"
             bar.update(task, advance=len(idx), rate=rate)
     return outputs
@@ -97,7 +113,7 @@ def evaluate_detector(*, ckpt: Path, data: Path, out_dir: Path, combines: tuple[
         detector.check(c)
     t0 = time.perf_counter()
     outputs = run_inference(detector, annset, batch_size=batch_size, progress=progress,
-                            combinations=tuple(wanted), limit=limit)
+                            combinations=tuple(wanted), limit=limit, max_dets=max_dets)
     inference_s = time.perf_counter() - t0
     images = annset.images[: len(outputs)]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +131,7 @@ def evaluate_detector(*, ckpt: Path, data: Path, out_dir: Path, combines: tuple[
         write_metrics(out_dir / f"metrics_{tag}.json", metrics)
         rows[name] = metrics
     eval_s = time.perf_counter() - t1
-    summary = {"checkpoint": str(ckpt), "images": len(outputs), "inference_seconds": inference_s,
+    summary = {"checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt), "images": len(outputs), "inference_seconds": inference_s,
                "evaluation_seconds": eval_s, "images_per_second": len(outputs) / max(inference_s, 1e-9),
                "rows": {k: m.to_dict() for k, m in rows.items()},
                "T": {k: (c.T if math.isfinite(c.T) else "inf") for k, c in zip(rows, wanted)}}

@@ -120,6 +120,22 @@ def test_injected_scores_are_the_combination_of_the_two_heads(sel_ckpt, tiny_ckp
         assert (p_cal - p_orig).abs().max() > 1e-3  # the heads differ, so the checks above bite
 
 
+def test_masks_of_detected_rows_only_equal_masks_of_all_rows(sel_ckpt, tiny_data):
+    """serve eval computes masks only for RoIs that become detections; every one of the up to
+    300 detections per image must still get its mask (more than the arch's 50 per image here)."""
+    det = DualHeadDetector(path=sel_ckpt, device=CPU)
+    records, images = val_images(tiny_data, 2)
+    wanted = (det.default, Combination(combine="orig"))
+    selective = det.run_images(images, combinations=wanted, max_dets=300)
+    complete = det.run_images(images)
+    for rec, sel_out, all_out in zip(records, selective, complete):
+        for combination in wanted:
+            kw = {"image_id": rec["id"], "image_size": (rec["height"], rec["width"]), "max_dets": 300}
+            a, b = det.detections(sel_out, combination, **kw), det.detections(all_out, combination, **kw)
+            assert len(a) > det.adapter.arch.box_detections_per_img
+            assert a == b
+
+
 def test_injected_checkpoint_records_provenance(sel_ckpt, tiny_ckpt, head_3fc):
     payload = torch.load(sel_ckpt, map_location="cpu", weights_only=True)
     injected = payload["meta"]["injected"]
