@@ -76,6 +76,9 @@ class ExtractConfig:
             raise ConfigError(f"--fg-iou must lie in (0, 1], got {self.fg_iou}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pick one")
+        if self.overwrite and self.shard.count > 1:
+            # Other shards could open the old store before shard 0 replaces it.
+            raise ConfigError("--overwrite cannot be combined with --shard i/n (n > 1); delete the old store, then start the shards")
 
 
 @dataclass(frozen=True, kw_only=True)

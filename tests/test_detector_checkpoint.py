@@ -71,13 +71,13 @@ def test_not_torch_and_truncated(saved, tmp_path):
     text.write_text("hello, I am not a checkpoint\n")
     with pytest.raises(CheckpointError) as info:
         load_detector(text)
-    assert "not a readable torch file" in _one_line(info)
+    assert "not a readable torch checkpoint" in _one_line(info)
     cut = tmp_path / "cut.pt"
     data = path.read_bytes()
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError) as info:
         load_detector(cut)
-    assert "truncated or corrupt" in _one_line(info)
+    assert "truncated, corrupt" in _one_line(info)
 
 
 def test_foreign_and_mismatched_files(saved, tmp_path):

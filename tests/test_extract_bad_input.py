@@ -72,7 +72,7 @@ def checkpoints(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind,message", [
-    ("random", "is not a readable torch file"),
+    ("random", "is not a readable torch checkpoint"),
     ("not_detector", "is not a roicache detector checkpoint (format=None)"),
     ("five_classes", f"has {TINY_DATA.num_classes} categories but the detector was trained for {TINY_DATA.num_classes - 1}"),
 ])

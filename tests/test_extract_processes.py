@@ -23,13 +23,15 @@ from cache_schema import meta_differences, open_store, validate_store
 from cache_schema.errors import SchemaError
 from extract.cli import app as extract_app
 from extract.sharding import Shard, batch_groups
-from tests.pipeline_fixtures import TINY_EXTRACT
+from tests.pipeline_fixtures import TINY_DATA, TINY_EXTRACT
 
 EXTRACT = str(Path(sys.executable).with_name("extract"))
 # The settings of tests.pipeline_fixtures.TINY_EXTRACT, spelled as the command line takes them.
 SAME_SETTINGS = ["--levels", "pooled,fc", "--rois-per-image", str(TINY_EXTRACT.rois_per_image),
                  "--batch-size", str(TINY_EXTRACT.batch_size), "--device", "cpu", "--threads", "1", "--quiet"]
 PROCESS_TIMEOUT_S = 120
+SPLIT_SIZES = (TINY_DATA.train_images, TINY_DATA.val_images)
+N_IMAGES = sum(SPLIT_SIZES)
 
 
 def _command(ckpt: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -71,7 +73,7 @@ def test_two_concurrent_shard_processes_equal_one_process(tiny_ckpt, tiny_data, 
     assert [p.returncode for p in procs] == [0, 0], logs
     # Each shard wrote exactly its own fixed batches (group g -> shard g % 2).
     for log, index in zip(logs, (1, 0)):
-        mine = sum(len(g) for n in (16, 10) for g in batch_groups(n, TINY_EXTRACT.batch_size, Shard(index=index, count=2)))
+        mine = sum(len(g) for n in SPLIT_SIZES for g in batch_groups(n, TINY_EXTRACT.batch_size, Shard(index=index, count=2)))
         assert re.search(rf"wrote {mine} images", log), log
     # Whichever shard finished last saw every image done and marked the store complete.
     assert sum("store complete" in " ".join(log.split()) for log in logs) >= 1
@@ -87,8 +89,8 @@ def _wait_for_done(out: Path, proc: subprocess.Popen, images: int) -> None:
         try:
             if open_store(out).split("train").done().sum() >= images:
                 return
-        except SchemaError:
-            pass  # not created or not initialized yet
+        except (SchemaError, ValueError, OSError):
+            pass  # not created, not initialized, or its metadata is being written right now
         time.sleep(0.01)
     raise AssertionError("no image finished in time")
 
@@ -111,13 +113,13 @@ def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tiny_ckpt, tiny_
     assert not killed.is_complete
     done = {name: killed.split(name).done() for name in killed.splits}
     finished = sum(int(d.sum()) for d in done.values())
-    assert 0 < finished < 26
+    assert 0 < finished < N_IMAGES
     report = validate_store(out)
-    assert not report.ok and sum(report.incomplete.values()) == 26 - finished
+    assert not report.ok and sum(report.incomplete.values()) == N_IMAGES - finished
     # --resume re-runs every fixed batch that still holds an unfinished image, whole.
     rerun = sum(len(g) for d in done.values() for g in batch_groups(len(d), TINY_EXTRACT.batch_size, Shard())
                 if not d[g].all())
-    assert 26 - finished <= rerun < 26
+    assert N_IMAGES - finished <= rerun < N_IMAGES
 
     result = CliRunner().invoke(extract_app, ["--ckpt", str(tiny_ckpt), "--data", str(tiny_data), "--out", str(out),
                                               "--resume", *SAME_SETTINGS])

@@ -135,10 +135,11 @@ def read_torch_file(path: Path, *, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        reason = f"{type(exc).__name__}: {first}"[:100]
+        # torch's own messages for a bad file are long and mostly about weights_only; the type
+        # of the failure is what tells truncated (EOFError, RuntimeError) from foreign pickles.
         raise CheckpointError(
-            f"{what} {path} is not a readable torch file (truncated or corrupt? {reason}); "
+            f"{what} {path} is not a readable torch checkpoint ({type(exc).__name__}: truncated, corrupt, "
+            "or not saved with plain tensors); "
             "re-copy it or train it again"
         ) from None
 

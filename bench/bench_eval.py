@@ -1,0 +1,189 @@
+"""P4: cached evaluation vs full inference + evaluation of the same injected head.
+
+    python bench/bench_eval.py [--store runs/demo/cache.zarr] [--quick] [--head RUN_DIR]
+                               [--combine sel] [--T 300] [--limit N] [--repeats 2]
+
+The head (``--head``, else one trained here: bi-level 3fc_ft, ``--head-steps`` steps, seed 0) is
+injected into the store's detector (``serve.inject``, ``--combine``/``--T``). Then, side by side
+(alternating, order rotated, 1 torch thread): ``heads.pipeline.evaluate_from_store`` (cached
+val RoIs → combined scores → detections → LVIS API) and ``serve.evaluate.evaluate_detector``
+(the injected detector run over the val images → the same → LVIS API), on the same val images
+(all, or the first ``--limit``: the cached side then runs the same library steps on those
+images, since ``evaluate_from_store`` has no limit). One more instrumented pass of each splits
+the time into read/inference, scoring, detection assembly and the LVIS API (shared by both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("ROICACHE_THREADS", "1")  # evaluate_detector sets torch threads from this
+
+import _common as C  # noqa: E402  (adds the repo root to sys.path)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cache_schema import open_store  # noqa: E402
+from cache_schema.runtime import pick_device  # noqa: E402
+from extract.datasets.lvis_json import load_annotations, resolve_split  # noqa: E402
+from heads.combine import CombineConfig  # noqa: E402
+from heads.config import load_config  # noqa: E402
+from heads.evaluation import detect_cached, evaluate_cached, evaluate_lvis, load_gt  # noqa: E402
+from heads.pipeline import EVAL_COLUMNS, evaluate_from_store, load_head_for, score_rois, train_from_store  # noqa: E402
+from serve.dual import DualHeadDetector  # noqa: E402
+from serve.evaluate import evaluate_detector, run_inference  # noqa: E402
+from serve.inject import inject  # noqa: E402
+
+
+def _head(store: Path, head: Path | None, steps: int) -> Path:
+    if head is not None:
+        return head
+    out = C.BENCH_OUT / "eval" / f"head_3fc_ft_{steps}"
+    if not (out / "metrics.json").is_file():
+        cfg = load_config(None, {"sampler.name": "bilevel", "head.name": "3fc_ft", "run.threads": 1, "run.seed": 0,
+                                 "schedule.max_steps": steps, "eval.interval": 0, "run.checkpoint_interval": steps})
+        train_from_store(cache=str(store), config=cfg, out_dir=out, progress=False)
+    return out
+
+
+def _val_subset(store, level: str | None, limit: int | None):
+    split = store.split("val")
+    cols = tuple(c for c in EVAL_COLUMNS if c != "mask_logits" or split.with_masks)
+    images = None if limit is None else np.arange(min(limit, split.num_images))
+    return split.load(level=level, columns=cols, images=images)
+
+
+def cached_limited(store_path: Path, head: Path, combine: str, T: float, limit: int):
+    """``evaluate_from_store``'s steps on the first ``limit`` val images (no files written)."""
+    store = open_store(store_path)
+    loaded = load_head_for(store, head)
+    val = _val_subset(store, loaded.meta.get("level", loaded.spec.level), limit)
+    probs = score_rois(loaded, val.features, device=pick_device("cpu"))
+    split = store.split("val")
+    gt_json = Path(store.meta.dataset.splits["val"].annotation_path)
+    _, metrics = evaluate_cached(roiset=val, class_info=store.classes, cal_probs=probs, combine=combine, T=T,
+                                 gt_json=gt_json, image_ids=split.image_ids, image_sizes=split.image_sizes, progress=False)
+    return metrics
+
+
+def breakdown(store_path: Path, ckpt: Path, head: Path, combine: str, T: float, limit: int | None) -> dict:
+    """One instrumented pass of each pipeline: seconds per stage."""
+    out: dict[str, dict[str, float]] = {"cached": {}, "full": {}}
+    store = open_store(store_path)
+    split = store.split("val")
+    gt_json = Path(store.meta.dataset.splits["val"].annotation_path)
+    t = time.perf_counter()
+    loaded = load_head_for(store, head)
+    val = _val_subset(store, loaded.meta.get("level", loaded.spec.level), limit)
+    out["cached"]["read val RoIs from the store"] = time.perf_counter() - t
+    t = time.perf_counter()
+    probs = score_rois(loaded, val.features, device=pick_device("cpu"))
+    out["cached"]["score RoIs with the new head"] = time.perf_counter() - t
+    t = time.perf_counter()
+    results = detect_cached(roiset=val, class_info=store.classes, cal_probs=probs, combine=combine,
+                            config=CombineConfig(T=T), image_ids=split.image_ids, image_sizes=split.image_sizes,
+                            progress=False)
+    out["cached"]["combine + detection assembly (NMS, mask paste, RLE)"] = time.perf_counter() - t
+    ids = [int(split.image_ids[p]) for p in val.images.numpy()]
+    t = time.perf_counter()
+    evaluate_lvis(gt_json=gt_json, results=results, image_ids=ids)
+    out["cached"]["LVIS API (segm + bbox)"] = time.perf_counter() - t
+
+    json_path, root = resolve_split(Path(gt_json).parent, "val")
+    annset = load_annotations(json_path, root)
+    t = time.perf_counter()
+    det = DualHeadDetector(path=ckpt, device=pick_device("cpu"))
+    combination = det.with_default(combine=combine, T=T)
+    out["full"]["load detector"] = time.perf_counter() - t
+    t = time.perf_counter()
+    outputs = run_inference(det, annset, batch_size=4, progress=False, limit=limit)
+    out["full"]["detector inference (read images, backbone, RPN, RoI heads, masks)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    results = []
+    for im, o in zip(annset.images, outputs):
+        results += det.detections(o, combination, image_id=im.id, image_size=(im.height, im.width))
+    out["full"]["both heads + combine + detection assembly"] = time.perf_counter() - t
+    t = time.perf_counter()
+    evaluate_lvis(gt_json=load_gt(json_path), results=results, image_ids=[im.id for im in annset.images[:len(outputs)]])
+    out["full"]["LVIS API (segm + bbox)"] = time.perf_counter() - t
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", type=Path, default=C.DEMO_STORE)
+    ap.add_argument("--head", type=Path, default=None)
+    ap.add_argument("--head-steps", type=int, default=1000)
+    ap.add_argument("--combine", default="sel")
+    ap.add_argument("--T", type=float, default=300.0)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=C.BENCH_OUT / "bench_eval.md")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    repeats = 1 if a.quick else a.repeats
+    store = open_store(a.store)
+    data = Path(store.meta.dataset.splits["val"].annotation_path).parent
+    head = _head(a.store, a.head, 30 if a.quick else a.head_steps)
+    work = C.BENCH_OUT / "eval"
+    injected = inject(ckpt=Path(store.meta.detector.checkpoint_path), head=head, combine=a.combine, T=a.T,
+                      out=work / f"detector_{a.combine}.pt")
+    got: dict[str, object] = {}
+
+    def cached() -> None:
+        if a.limit is None:
+            got["cached"] = evaluate_from_store(cache=str(a.store), head=head, combines=(a.combine,), T=a.T,
+                                                out_dir=work / "cached", progress=False).rows[a.combine]
+        else:
+            got["cached"] = cached_limited(a.store, head, a.combine, a.T, a.limit)
+
+    def full() -> None:
+        run = evaluate_detector(ckpt=injected, data=data, out_dir=work / "full", combines=(a.combine,), T=a.T,
+                                progress=False, limit=a.limit, batch_size=4)
+        got["full"] = run.rows[a.combine]
+
+    t = C.interleave({"cached": cached, "full": full}, repeats=repeats, warmup=False)
+    stages = breakdown(a.store, injected, head, a.combine, a.T, a.limit)
+    n = store.split("val").num_images if a.limit is None else min(a.limit, store.split("val").num_images)
+    ratio = t.median_ratio("full", "cached")
+    hdr = C.header("P4 — cached vs full evaluation", extra={
+        "what": f"head {head} injected with combine={a.combine}, T={a.T:g}; {n} val images "
+                f"({'all' if a.limit is None else f'first {a.limit}'}); 1 torch thread; LVIS API segm + bbox, max_dets 300",
+        "repeats": f"{repeats} interleaved (order rotated), no warm-up; {C.load_line(t)}"})
+    body = C.table(["pipeline", "median wall", "per image"], [
+        ["cached (`evaluate_from_store`)" if a.limit is None else "cached (its steps on the subset)",
+         C.fmt_s(t.median("cached")), f"{1000 * t.median('cached') / n:.0f} ms"],
+        ["full (`evaluate_detector`)", C.fmt_s(t.median("full")), f"{1000 * t.median('full') / n:.0f} ms"]])
+    lines = [f"- full / cached wall time: **{ratio:.1f}x** (per repeat: "
+             + ", ".join(f"{x:.1f}" for x in t.ratios("full", "cached")) + "; target >= 20x)"]
+    lvis = stages["cached"]["LVIS API (segm + bbox)"], stages["full"]["LVIS API (segm + bbox)"]
+    rest_c = sum(stages["cached"].values()) - lvis[0]
+    rest_f = sum(stages["full"].values()) - lvis[1]
+    lines.append(f"- without the LVIS API (identical work in both): full / cached = {rest_f / rest_c:.1f}x "
+                 f"(instrumented pass below)")
+    rows = []
+    for name in ("AP", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4"):
+        for iou in ("segm", "bbox"):
+            x, y = getattr(got["cached"], iou), getattr(got["full"], iou)
+            if x is None or y is None or name not in x.summary:
+                continue
+            if x[name] < 0 and y[name] < 0:  # LVIS API's -1: no category with ground truth in this group
+                continue
+            rows.append([f"{iou} {name}", f"{100 * x[name]:.2f}", f"{100 * y[name]:.2f}", f"{100 * (x[name] - y[name]):+.3f}"])
+    stage_rows = [[p, s, C.fmt_s(v)] for p in ("cached", "full") for s, v in stages[p].items()]
+    text = (f"{hdr}\n\n{body}\n\n" + "\n".join(lines) + "\n\n"
+            + C.table(["metric", "cached", "full", "cached − full (points)"], rows) + "\n\n"
+            + "Stage times of one more instrumented pass of each (same images):\n\n"
+            + C.table(["pipeline", "stage", "seconds"], stage_rows))
+    C.emit(text, a.out)
+    print(f"[bench] load average at end {os.getloadavg()[0]:.2f}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
