@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 PY     := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: test test-slow demo venv clean
+.PHONY: test test-fast demo venv clean
 
 venv: $(STAMP)
 
@@ -16,12 +16,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Everything: the default suite plus the tests marked slow (real multi-process runs).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "slow or not slow"
 
-# The slow end-to-end tests (real training/extraction on a tiny benchmark).
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+# The default suite only (what plain `pytest` runs).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q
 
 demo: $(STAMP)
 	$(VENV)/bin/roicache demo --out $(DEMO_DIR)
