@@ -48,23 +48,32 @@ class Timings:
         return statistics.median(self.ratios(num, den))
 
 
-def interleave(modes: dict[str, Callable[[], object]], *, repeats: int, warmup: bool = True) -> Timings:
+def interleave(modes: dict[str, Callable[[], object]], *, repeats: int, warmup: bool = True,
+               setup: dict[str, Callable[[], object]] | None = None) -> Timings:
     """Run every mode once per repeat, order rotated each repeat; returns wall seconds.
 
-    ``warmup`` runs each mode once first, untimed (lazy imports, page cache, allocator).
+    ``warmup`` runs each mode once first, untimed (lazy imports, page cache, allocator);
+    ``setup[mode]``, when given, runs untimed right before each run of that mode.
     """
     names = list(modes)
+    setup = setup or {}
+
+    def run(name: str) -> float:
+        if name in setup:
+            setup[name]()
+        t0 = time.perf_counter()
+        modes[name]()
+        return time.perf_counter() - t0
+
     if warmup:
         for name in names:
-            modes[name]()
+            run(name)
     out = Timings(seconds={n: [] for n in names})
     for r in range(repeats):
         out.load.append(os.getloadavg()[0])
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            t0 = time.perf_counter()
-            modes[name]()
-            out.seconds[name].append(time.perf_counter() - t0)
+            out.seconds[name].append(run(name))
     return out
 
 

@@ -101,8 +101,8 @@ def breakdown(store_path: Path, ckpt: Path, head: Path, combine: str, T: float, 
     combination = det.with_default(combine=combine, T=T)
     out["full"]["load detector"] = time.perf_counter() - t
     t = time.perf_counter()
-    outputs = run_inference(det, annset, batch_size=4, progress=False, limit=limit)
-    out["full"]["detector inference (read images, backbone, RPN, RoI heads, masks)"] = time.perf_counter() - t
+    outputs = run_inference(det, annset, batch_size=4, progress=False, combinations=(combination,), limit=limit)
+    out["full"]["inference (read images, backbone, RPN, RoI heads, masks of detected RoIs)"] = time.perf_counter() - t
     t = time.perf_counter()
     results = []
     for im, o in zip(annset.images, outputs):

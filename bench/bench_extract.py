@@ -84,8 +84,10 @@ def bench_extraction(store_path: Path, *, n: int, repeats: int) -> str:
     groups = batch_groups(len(s.annset), config.batch_size, Shard())
     everything = np.arange(len(s.annset))
 
+    def reset() -> None:  # untimed: clear the done marks so the next run rewrites every image
+        store.invalidate(split="train", images=everything)
+
     def run_extract() -> None:
-        store.invalidate(split="train", images=everything)  # rewrite every image, as a fresh run
         _run_split(store, s, adapter, config, rpi, ExtractProgress(enabled=False))
 
     def run_adapter() -> None:
@@ -99,11 +101,13 @@ def bench_extraction(store_path: Path, *, n: int, repeats: int) -> str:
     def run_torchvision() -> None:
         with torch.inference_mode():
             for g in groups:
-                ims = [torch.from_numpy(_read(s.annset.image_path(p))).permute(2, 0, 1).float().div_(255.0) for p in g]
+                ims = [torch.from_numpy(np.require(_read(s.annset.image_path(p)), requirements=["W"]))
+                       .permute(2, 0, 1).float().div_(255.0) for p in g]
                 model(ims)
 
     t = C.interleave({"extract": run_extract, "adapter": run_adapter, "torchvision": run_torchvision},
-                     repeats=repeats, warmup=True)
+                     repeats=repeats, warmup=True, setup={"extract": reset})
+    shares = _profile_stages(lambda: run_extract(), reset)
     split = store.split("train")
     rois = int(split.num_rois()[split.done()].sum())
     rows = [[m, C.fmt_s(t.median(m)), f"{1000 * t.median(m) / n:.1f} ms", f"{n / t.median(m):.2f}"]
@@ -122,7 +126,38 @@ def bench_extraction(store_path: Path, *, n: int, repeats: int) -> str:
         ["adapter / torchvision inference", f"{t.median_ratio('adapter', 'torchvision'):.3f}x",
          ", ".join(f"{r:.3f}" for r in t.ratios("adapter", "torchvision"))],
     ])
-    return f"{hdr}\n\n{body}\n\n{ratios}\n\nmatching + store writes: {1000 * overhead:.1f} ms per image (extract − adapter medians)."
+    prof = C.table(["stage of one extract run (cProfile, cumulative)", "share of the run", "per image"],
+                   [[k, f"{100 * v / shares['total']:.1f}%", f"{1000 * v / n:.1f} ms"] for k, v in shares.items() if k != "total"])
+    return (f"{hdr}\n\n{body}\n\n{ratios}\n\nmatching + store writes: {1000 * overhead:.1f} ms per image "
+            f"(extract − adapter medians).\n\n{prof}")
+
+
+#: functions whose cumulative time splits an extract run (file suffix, function name) -> label
+STAGES = {("detectors/adapter.py", "run"): "adapter.run (detector: backbone, RPN, RoIAlign, fcs)",
+          ("extract/writer.py", "_read_image"): "read + decode PNG",
+          ("extract/matching.py", "match_rois"): "IoU matching",
+          ("cache_schema/split.py", "write_image"): "split.write_image (encode + write chunks, marks)"}
+
+
+def _profile_stages(run, reset) -> dict[str, float]:
+    """Cumulative seconds of each stage of one cProfile'd extract run (shares, not timings:
+    profiling slows Python-heavy stages more than the torch kernels)."""
+    import cProfile
+    import pstats
+
+    reset()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.runcall(run)
+    total = time.perf_counter() - t0
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
+    out = {label: 0.0 for label in STAGES.values()}
+    for (file, _, name), (_, _, _, ct, _) in stats.items():
+        for (suffix, fn), label in STAGES.items():
+            if name == fn and file.endswith(suffix):
+                out[label] += ct
+    out["total"] = total
+    return out
 
 
 # --------------------------------------------------------------------------- P5: bytes
