@@ -13,6 +13,7 @@ Order of work, and why it is safe to kill at any moment:
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,6 +200,22 @@ def _read_image(path: Path) -> np.ndarray:
         raise DatasetError(f"cannot read image {path} ({exc}); replace the file or regenerate the dataset") from None
 
 
+def _write_batch(split, s: _SplitInput, group: list[int], outputs: list, config: ExtractConfig,
+                 num_classes: int, with_masks: bool) -> None:
+    """Label one batch's RoIs by IoU matching and write each image (done mark last)."""
+    for p, out in zip(group, outputs):
+        rows = s.gt_rows_of_image[p]
+        m = match_rois(rois=out.boxes, gt_boxes=s.gt.boxes[rows], gt_labels=s.gt.labels[rows], gt_rows=rows,
+                       num_classes=num_classes, fg_iou=config.fg_iou)
+        arrays = {"rois/boxes": out.boxes, "rois/objectness": out.objectness, "rois/is_gt": out.is_gt,
+                  "rois/labels": m.labels, "rois/ious": m.ious, "rois/gt_index": m.gt_index,
+                  "rois/logits": out.logits, "rois/reg_boxes": out.reg_boxes}
+        arrays.update({f"feat/{lv}": out.features[lv] for lv in config.levels})
+        if with_masks:
+            arrays["rois/mask_logits"] = out.mask_logits
+        split.write_image(p, arrays=arrays)
+
+
 def _run_split(store: Store, s: _SplitInput, adapter: TorchvisionAdapter, config: ExtractConfig,
                rois_per_image: int, progress: ExtractProgress) -> tuple[int, int]:
     split = store.split(s.name)
@@ -208,24 +225,23 @@ def _run_split(store: Store, s: _SplitInput, adapter: TorchvisionAdapter, config
     with_masks = s.name in MASK_SPLITS
     progress.start_split(s.name, images=sum(len(g) for g in groups))
     images_written = rois_written = 0
-    for group in groups:
-        gt_boxes = [s.gt.boxes[s.gt_rows_of_image[p]] for p in group] if with_gt else None
-        outputs = adapter.run([_read_image(s.annset.image_path(p)) for p in group], gt_boxes=gt_boxes,
-                              levels=config.levels, max_proposals=rois_per_image, with_masks=with_masks)
-        for p, out in zip(group, outputs):
-            rows = s.gt_rows_of_image[p]
-            m = match_rois(rois=out.boxes, gt_boxes=s.gt.boxes[rows], gt_labels=s.gt.labels[rows], gt_rows=rows,
-                           num_classes=adapter.num_classes, fg_iou=config.fg_iou)
-            arrays = {"rois/boxes": out.boxes, "rois/objectness": out.objectness, "rois/is_gt": out.is_gt,
-                      "rois/labels": m.labels, "rois/ious": m.ious, "rois/gt_index": m.gt_index,
-                      "rois/logits": out.logits, "rois/reg_boxes": out.reg_boxes}
-            arrays.update({f"feat/{lv}": out.features[lv] for lv in config.levels})
-            if with_masks:
-                arrays["rois/mask_logits"] = out.mask_logits
-            split.write_image(p, arrays=arrays)
-            images_written += 1
-            rois_written += len(out)
-        progress.advance(images=len(group), rois=sum(len(o) for o in outputs))
+    # Matching, encoding and writing a batch (numpy/blosc/file I/O, which release the GIL) run on a
+    # writer thread while the detector computes the next batch. At most one batch waits, so memory
+    # stays bounded and a failed write surfaces at the next batch.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="roicache-writer") as writer:
+        pending = None
+        for group in groups:
+            gt_boxes = [s.gt.boxes[s.gt_rows_of_image[p]] for p in group] if with_gt else None
+            outputs = adapter.run([_read_image(s.annset.image_path(p)) for p in group], gt_boxes=gt_boxes,
+                                  levels=config.levels, max_proposals=rois_per_image, with_masks=with_masks)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(_write_batch, split, s, group, outputs, config, adapter.num_classes, with_masks)
+            images_written += len(group)
+            rois_written += sum(len(o) for o in outputs)
+            progress.advance(images=len(group), rois=sum(len(o) for o in outputs))
+        if pending is not None:
+            pending.result()
     return images_written, rois_written
 
 
