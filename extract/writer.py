@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from cache_schema import (
     DatasetInfo,
@@ -36,6 +35,7 @@ from cache_schema import (
 )
 from cache_schema.errors import ConfigError, DatasetError, SchemaError, StoreExistsError
 from cache_schema.runtime import configure_threads, pick_device, sha256_file
+from extract.datasets.images import read_rgb
 from extract.datasets.lvis_json import AnnotationSet, check_images_exist, class_statistics, load_annotations, resolve_split
 from extract.detectors.adapter import TorchvisionAdapter
 from extract.head_weights import detector_head_state, write_head_weights
@@ -192,14 +192,6 @@ def _wait_for_store(out: str, meta: StoreMeta, timeout_s: float) -> Store:
         time.sleep(1.0)
 
 
-def _read_image(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"cannot read image {path} ({exc}); replace the file or regenerate the dataset") from None
-
-
 def _write_batch(split, s: _SplitInput, group: list[int], outputs: list, config: ExtractConfig,
                  num_classes: int, with_masks: bool) -> None:
     """Label one batch's RoIs by IoU matching and write each image (done mark last)."""
@@ -232,7 +224,7 @@ def _run_split(store: Store, s: _SplitInput, adapter: TorchvisionAdapter, config
         pending = None
         for group in groups:
             gt_boxes = [s.gt.boxes[s.gt_rows_of_image[p]] for p in group] if with_gt else None
-            outputs = adapter.run([_read_image(s.annset.image_path(p)) for p in group], gt_boxes=gt_boxes,
+            outputs = adapter.run([read_rgb(s.annset.image_path(p)) for p in group], gt_boxes=gt_boxes,
                                   levels=config.levels, max_proposals=rois_per_image, with_masks=with_masks)
             if pending is not None:
                 pending.result()

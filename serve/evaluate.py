@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cache_schema.errors import DatasetError
 from cache_schema.runtime import configure_threads, pick_device, sha256_file
+from extract.datasets.images import read_rgb
 from extract.datasets.lvis_json import check_images_exist, load_annotations, resolve_split
 from heads.evaluation import BinSpec, Metrics, evaluate_lvis, format_table, read_metrics, write_metrics, write_results
 from serve.dual import Combination, DualHeadDetector
@@ -56,14 +56,6 @@ def _progress(enabled: bool) -> Progress:
                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), disable=not enabled)
 
 
-def _read_image(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"cannot read image {path} ({exc}); replace it or regenerate the dataset") from None
-
-
 def run_inference(detector: DualHeadDetector, annset, *, batch_size: int, progress: bool,
                   combinations: tuple[Combination, ...] = (), limit: int | None = None,
                   max_dets: int = 300) -> list:
@@ -75,7 +67,7 @@ def run_inference(detector: DualHeadDetector, annset, *, batch_size: int, progre
         task = bar.add_task("inference", total=n, rate="")
         for lo in range(0, n, batch_size):
             idx = range(lo, min(lo + batch_size, n))
-            outputs += detector.run_images([_read_image(annset.image_path(p)) for p in idx], combinations=combinations,
+            outputs += detector.run_images([read_rgb(annset.image_path(p)) for p in idx], combinations=combinations,
                                            max_dets=max_dets)
             rate = f"{len(outputs) / max(time.perf_counter() - start, 1e-9):.2f} img/s"
             bar.update(task, advance=len(idx), rate=rate)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from cache_schema import Store, open_store
-from cache_schema.errors import DatasetError, StoreMismatchError
+from cache_schema.errors import StoreMismatchError
 from cache_schema.head_init import read_head_weights
 from cache_schema.records import RoiSet
 from cache_schema.runtime import configure_threads, pick_device, sha256_file
+from extract.datasets.images import read_rgb
 from extract.detectors.adapter import TorchvisionAdapter
 from heads.config import TrainConfig
 from heads.models import level_for_head
@@ -46,21 +46,13 @@ class DetectorFetch:
         self.gt_boxes, self.gt_image = gt.boxes[order], gt.image[order]
         self.seconds_in_detector = 0.0
 
-    def _image(self, p: int) -> np.ndarray:
-        path = self.image_root / self.file_names[p]
-        try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except OSError as exc:
-            raise DatasetError(f"cannot read training image {path} ({exc}); online calibration needs the images") from None
-
     def __call__(self, positions: np.ndarray) -> RoiSet:
         positions = np.asarray(positions, dtype=np.int64)
         lo = np.searchsorted(self.gt_image, positions, side="left")
         hi = np.searchsorted(self.gt_image, positions, side="right")
         gts = [self.gt_boxes[a:b] for a, b in zip(lo, hi)]
         t0 = time.perf_counter()
-        outs = self.adapter.run([self._image(int(p)) for p in positions], gt_boxes=gts, levels=(self.level,),
+        outs = self.adapter.run([read_rgb(self.image_root / self.file_names[int(p)]) for p in positions], gt_boxes=gts, levels=(self.level,),
                                 max_proposals=self.max_proposals, with_masks=False)
         self.seconds_in_detector += time.perf_counter() - t0
         counts = np.array([len(o) for o in outs], dtype=np.int64)
