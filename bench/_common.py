@@ -36,6 +36,7 @@ class Timings:
 
     seconds: dict[str, list[float]] = field(default_factory=dict)
     load: list[float] = field(default_factory=list)
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # process CPU seconds (all threads)
 
     def median(self, mode: str) -> float:
         return statistics.median(self.seconds[mode])
@@ -58,22 +59,24 @@ def interleave(modes: dict[str, Callable[[], object]], *, repeats: int, warmup: 
     names = list(modes)
     setup = setup or {}
 
-    def run(name: str) -> float:
+    def run(name: str) -> tuple[float, float]:
         if name in setup:
             setup[name]()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         modes[name]()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     if warmup:
         for name in names:
             run(name)
-    out = Timings(seconds={n: [] for n in names})
+    out = Timings(seconds={n: [] for n in names}, cpu={n: [] for n in names})
     for r in range(repeats):
         out.load.append(os.getloadavg()[0])
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            out.seconds[name].append(run(name))
+            wall, cpu = run(name)
+            out.seconds[name].append(wall)
+            out.cpu[name].append(cpu)
     return out
 
 

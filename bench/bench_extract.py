@@ -133,7 +133,8 @@ def bench_extraction(store_path: Path, *, n: int, repeats: int) -> str:
                       "match+write": run_writes},
                      repeats=repeats, warmup=True, setup={"extract": reset, "match+write": reset})
     rois = int(split.num_rois()[split.done()].sum())
-    rows = [[m, C.fmt_s(t.median(m)), f"{1000 * t.median(m) / n:.1f} ms", f"{n / t.median(m):.2f}"]
+    rows = [[m, C.fmt_s(t.median(m)), f"{1000 * t.median(m) / n:.1f} ms", f"{n / t.median(m):.2f}",
+             f"{1000 * statistics.median(t.cpu[m]) / n:.1f} ms"]
             for m in ("extract", "adapter", "torchvision", "match+write")]
     vs_tv, vs_ad = t.median_ratio("extract", "torchvision"), t.median_ratio("extract", "adapter")
     overhead = (t.median("extract") - t.median("adapter")) / n
@@ -142,7 +143,7 @@ def bench_extraction(store_path: Path, *, n: int, repeats: int) -> str:
                 f"{rpi} proposals/image (+GT boxes in extract/adapter), {rois:,} RoIs written per run",
         "repeats": f"{repeats} interleaved (order rotated), after one untimed warm-up each",
         "timing": C.load_line(t)})
-    body = C.table(["mode", "median wall", "per image", "images/s"], rows)
+    body = C.table(["mode", "median wall", "per image", "images/s", "CPU time per image (all threads)"], rows)
     ratios = C.table(["ratio (median of per-repeat ratios)", "value", "per-repeat"], [
         ["extract / torchvision inference", f"{vs_tv:.3f}x", ", ".join(f"{r:.3f}" for r in t.ratios("extract", "torchvision"))],
         ["extract / bare adapter", f"{vs_ad:.3f}x", ", ".join(f"{r:.3f}" for r in t.ratios("extract", "adapter"))],
@@ -152,7 +153,8 @@ def bench_extraction(store_path: Path, *, n: int, repeats: int) -> str:
     hidden = 1 - overhead * n / t.median("match+write")
     return (f"{hdr}\n\n{body}\n\n{ratios}\n\nextract − adapter: {1000 * overhead:.1f} ms per image; matching + "
             f"writing alone (match+write mode, one thread) costs {1000 * t.median('match+write') / n:.1f} ms per image, "
-            f"so {100 * hidden:.0f}% of it is hidden behind the detector in extract.")
+            f"so {100 * hidden:.0f}% of it is hidden behind the detector in extract (extraction writes on a second "
+            f"thread; that needs a free core, see the load average).")
 
 
 # --------------------------------------------------------------------------- P5: bytes
