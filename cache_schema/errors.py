@@ -31,6 +31,14 @@ class StoreIncompleteError(SchemaError):
     """A store (or a split of it) has images whose extraction has not finished."""
 
 
+class StoreNotFoundError(SchemaError):
+    """No roicache store exists at the location given."""
+
+
+class StoreUninitializedError(SchemaError):
+    """A store's creation is still running or was interrupted (no image can have been written)."""
+
+
 class StoreMismatchError(SchemaError):
     """A store was built from another detector checkpoint or annotation file than the one given."""
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from cache_schema.errors import ConfigError, SchemaError, StoreExistsError, StoreMismatchError
+from cache_schema.errors import (ConfigError, SchemaError, StoreExistsError, StoreMismatchError, StoreNotFoundError,
+                                 StoreUninitializedError)
 from cache_schema.layout import (
     COMPLETE_ATTR,
     FREQUENCY_CODES,
@@ -100,7 +101,7 @@ class Store:
             raise SchemaError(f"{path} is a zarr group but not a roicache store (no '{ROOT_ATTR}' attribute); create one with `extract`")
         self.meta = StoreMeta.from_dict(attrs[ROOT_ATTR])
         if not attrs.get(INITIALIZED_ATTR, False):
-            raise SchemaError(f"store {path} is not initialized (its creation is running or was interrupted); wait for it, or create it again (--overwrite)")
+            raise StoreUninitializedError(f"store {path} is not initialized (its creation is running or was interrupted); wait for it, or create it again (--overwrite)")
         self._complete = bool(attrs.get(COMPLETE_ATTR, False))
         self._splits: dict[str, SplitStore] = {}
 
@@ -168,7 +169,7 @@ def open_store(path_or_url: PathLike, mode: str = "r") -> Store:
     try:
         group = open_group(location, mode=mode)
     except (FileNotFoundError, ValueError):
-        raise SchemaError(f"no roicache store at {location}; check the path or create one with `extract`") from None
+        raise StoreNotFoundError(f"no roicache store at {location}; check the path or create one with `extract`") from None
     return Store(group=group, path=location, mode=mode)
 
 

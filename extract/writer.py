@@ -31,9 +31,9 @@ from cache_schema import (
     create_store,
     finalize,
     open_for_resume,
-    open_store,
 )
-from cache_schema.errors import ConfigError, DatasetError, SchemaError, StoreExistsError
+from cache_schema.errors import (ConfigError, DatasetError, StoreExistsError, StoreNotFoundError,
+                                 StoreUninitializedError)
 from cache_schema.runtime import configure_threads, pick_device, sha256_file
 from extract.datasets.images import read_rgb
 from extract.datasets.lvis_json import AnnotationSet, check_images_exist, class_statistics, load_annotations, resolve_split
@@ -161,18 +161,23 @@ def _split_spec(s: _SplitInput, config: ExtractConfig, rois_per_image: int) -> S
 
 def _open_or_create(out: str, meta: StoreMeta, adapter: TorchvisionAdapter, inputs: list[_SplitInput],
                     config: ExtractConfig, rois_per_image: int) -> Store:
+    overwrite = config.overwrite
     if config.resume:
         try:
             return open_for_resume(out, meta)
-        except SchemaError as exc:
-            if "no roicache store" not in str(exc):
-                raise
-        # Nothing there yet: --resume on a fresh location just starts.
+        except StoreNotFoundError:
+            pass  # nothing there yet: --resume on a fresh location just starts
+        except StoreUninitializedError:
+            if config.shard.index != 0:
+                return _wait_for_store(out, meta, config.wait_for_store_s)
+            # Shard 0 alone creates stores, so an unfinished creation here was interrupted before
+            # any image was written: creating it again loses nothing.
+            overwrite = True
     if config.shard.index != 0:
         return _wait_for_store(out, meta, config.wait_for_store_s)
     classes = class_statistics(next(s.annset for s in inputs if s.name == "train")) if any(
         s.name == "train" for s in inputs) else class_statistics(inputs[0].annset)
-    store = create_store(out, meta=meta, classes=classes, overwrite=config.overwrite,
+    store = create_store(out, meta=meta, classes=classes, overwrite=overwrite,
                          splits=[_split_spec(s, config, rois_per_image) for s in inputs])
     write_head_weights(store, detector_head_state(adapter.model))
     return store
@@ -184,9 +189,8 @@ def _wait_for_store(out: str, meta: StoreMeta, timeout_s: float) -> Store:
     while True:
         try:
             return open_for_resume(out, meta)
-        except SchemaError as exc:
-            if "no roicache store" not in str(exc) and "not initialized" not in str(exc):
-                raise
+        except (StoreNotFoundError, StoreUninitializedError):
+            pass
         if time.monotonic() > deadline:
             raise StoreExistsError(f"shard 0 did not create the store at {out} within {timeout_s:.0f} s; start shard 0 too")
         time.sleep(1.0)

@@ -7,7 +7,7 @@ the cached evaluation; both of those work on in-memory records and know nothing 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from cache_schema.records import RoiSet
 from cache_schema.runtime import pick_device
 from heads.combine import RULES, CombineConfig
 from heads.config import TrainConfig
-from heads.evaluation import BinSpec, Metrics, evaluate_cached, write_metrics, write_results
+from heads.evaluation import BinSpec, LvisEvaluator, Metrics, detect_cached, evaluated_image_ids, write_metrics, write_results
 from heads.models import head_scores, level_for_head, load_head
 from heads.sources import InMemoryRoiSource, StreamingRoiSource
 from heads.train import TrainResult, train_head
@@ -157,16 +157,20 @@ def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, .
     gt_json = Path(store.meta.dataset.splits["val"].annotation_path)
     if not gt_json.is_file():
         raise SchemaError(f"the val annotation file {gt_json} recorded in the store is gone; restore it or re-extract")
-    rows = {}
-    for name in combines:
-        results, metrics = evaluate_cached(
-            roiset=val, class_info=store.classes, cal_probs=probs, combine=name, T=T, gt_json=gt_json,
-            image_ids=split.image_ids, image_sizes=split.image_sizes, bins=bins, progress=progress,
-            config=combine_config)
-        rows[name] = metrics
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_results(out_dir / f"results_{name}.json", results)
+    config = replace(combine_config or CombineConfig(), T=float(T))
+    # Each rule's LVIS evaluation runs in a worker process while the next rule's detections are
+    # assembled here.
+    with LvisEvaluator(gt_json=gt_json, bins=bins, image_ids=evaluated_image_ids(val, split.image_ids)) as lvis:
+        for name in combines:
+            results = detect_cached(roiset=val, class_info=store.classes, cal_probs=probs, combine=name, config=config,
+                                    image_ids=split.image_ids, image_sizes=split.image_sizes, progress=progress)
+            lvis.submit(name, results)
+            if out_dir is not None:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                write_results(out_dir / f"results_{name}.json", results)
+        rows = lvis.gather()
+    if out_dir is not None:
+        for name, metrics in rows.items():
             write_metrics(out_dir / f"metrics_{name}.json", metrics)
     if out_dir is not None:
         summary = {name: m.to_dict() for name, m in rows.items()}

@@ -19,7 +19,7 @@ from extract.detectors.adapter import TorchvisionAdapter
 from extract.detectors.base import RoiOutputs
 from extract.detectors.checkpoint import load_detector, read_torch_file
 from heads.combine import RULES, CombineConfig, get_rule
-from heads.evaluation import assemble_detection_arrays, assemble_detections
+from heads.evaluation import Detections, assemble_detection_arrays, to_results
 from heads.models import head_from_state, head_scores
 from serve.inject import Calibration, read_calibration
 
@@ -35,6 +35,14 @@ class Combination:
     def __post_init__(self) -> None:
         if self.combine not in RULES:
             raise ConfigError(f"unknown combine scheme {self.combine!r}; choose from {', '.join(RULES)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inferred:
+    """One image's RoI outputs and its detections under each combination asked for (same order)."""
+
+    out: RoiOutputs
+    dets: tuple[Detections, ...]
 
 
 class DualHeadDetector:
@@ -69,26 +77,48 @@ class DualHeadDetector:
         computed, as in torchvision's inference, only for RoIs that become one of the top
         ``max_dets`` detections under one of ``combinations`` (all RoIs when none is given);
         ``max_dets`` must be the one :meth:`detections` is called with."""
-        levels = (self.level,) if self.level else ("fc",)
-        selector = ((lambda out, size: self.detected_rows(out, combinations, size, max_dets=max_dets))
-                    if combinations else None)
-        return self.adapter.run(images, gt_boxes=None, levels=levels, with_masks=True, mask_rows=selector,
+        if combinations:
+            return [inf.out for inf in self.infer(images, combinations=combinations, max_proposals=max_proposals,
+                                                  max_dets=max_dets)]
+        return self.adapter.run(images, gt_boxes=None, levels=self._levels(), with_masks=True,
                                 max_proposals=max_proposals or self.adapter.arch.rpn_post_nms_top_n_test)
 
-    def detected_rows(self, out: RoiOutputs, combinations: tuple[Combination, ...],
-                      image_size: tuple[int, int], *, max_dets: int = 300) -> np.ndarray:
-        """RoIs (rows of ``out``) kept as one of the top ``max_dets`` detections by any of
-        ``combinations``."""
+    def infer(self, images: list[np.ndarray], *, combinations: tuple[Combination, ...],
+              max_proposals: int | None = None, max_dets: int = 300) -> list[Inferred]:
+        """Full inference: each image's RoI outputs and its detections under each combination.
+
+        The detections are assembled once, before the mask head runs, because they decide which
+        RoIs need masks (torchvision runs its mask head only on detections, too)."""
+        found: dict[int, tuple[np.ndarray, tuple[Detections, ...]]] = {}
+
+        def select(out: RoiOutputs, image_size: tuple[int, int]) -> np.ndarray:
+            dets = tuple(self.detect(out, c, image_size, max_dets=max_dets) for c in combinations)
+            # The adapter returns ``out`` with masks added and every other array shared, so the
+            # logits array identifies the image; holding it keeps its id from being reused.
+            found[id(out.logits)] = (out.logits, dets)
+            return np.unique(np.concatenate([d.roi_index.cpu().numpy() for d in dets]))
+
+        outs = self.adapter.run(images, gt_boxes=None, levels=self._levels(), with_masks=True, mask_rows=select,
+                                max_proposals=max_proposals or self.adapter.arch.rpn_post_nms_top_n_test)
+        return [Inferred(out=o, dets=found[id(o.logits)][1]) for o in outs]
+
+    def _levels(self) -> tuple[str, ...]:
+        return (self.level,) if self.level else ("fc",)
+
+    def detect(self, out: RoiOutputs, combination: Combination, image_size: tuple[int, int], *,
+               max_dets: int = 300) -> Detections:
+        """Detections of one image's RoIs under ``combination`` (torchvision post-processing)."""
         arch = self.adapter.arch
-        rows = []
-        for combination in combinations:
-            streams = self.scores(out, combination)
-            dets = assemble_detection_arrays(scores=streams if len(streams) > 1 else streams[0],
-                                             boxes=torch.from_numpy(out.reg_boxes), image_size=image_size,
-                                             score_thresh=arch.box_score_thresh, nms_iou=arch.box_nms_thresh,
-                                             max_dets=max_dets)
-            rows.append(dets.roi_index.cpu().numpy())
-        return np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
+        streams = self.scores(out, combination)
+        return assemble_detection_arrays(scores=streams if len(streams) > 1 else streams[0],
+                                         boxes=torch.from_numpy(out.reg_boxes), image_size=image_size,
+                                         score_thresh=arch.box_score_thresh, nms_iou=arch.box_nms_thresh,
+                                         max_dets=max_dets)
+
+    def results(self, out: RoiOutputs, dets: Detections, *, image_id: int, image_size: tuple[int, int]) -> list[dict]:
+        """LVIS-format results of ``dets`` (from :meth:`detect` on ``out``), masks included."""
+        return to_results(dets=dets, image_id=image_id, category_ids=self.category_ids, image_size=image_size,
+                          mask_logits=None if out.mask_logits is None else torch.from_numpy(out.mask_logits))
 
     @torch.inference_mode()
     def probabilities(self, out: RoiOutputs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -112,13 +142,8 @@ class DualHeadDetector:
     def detections(self, out: RoiOutputs, combination: Combination, *, image_id: int,
                    image_size: tuple[int, int], max_dets: int = 300) -> list[dict]:
         """LVIS-format detections of one image under ``combination``."""
-        streams = self.scores(out, combination)
-        arch = self.adapter.arch
-        return assemble_detections(
-            scores=streams if len(streams) > 1 else streams[0], boxes=torch.from_numpy(out.reg_boxes),
-            mask_logits=None if out.mask_logits is None else torch.from_numpy(out.mask_logits),
-            image_size=image_size, image_id=image_id, category_ids=self.category_ids,
-            score_thresh=arch.box_score_thresh, nms_iou=arch.box_nms_thresh, max_dets=max_dets)
+        dets = self.detect(out, combination, image_size, max_dets=max_dets)
+        return self.results(out, dets, image_id=image_id, image_size=image_size)
 
     def with_default(self, **changes) -> Combination:
         return replace(self.default, **{k: v for k, v in changes.items() if v is not None})

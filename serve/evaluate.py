@@ -1,7 +1,7 @@
 """``serve eval``: full inference over the val images and LVIS evaluation (mask and box AP).
 
-The detector runs once per image; its RoI outputs are kept in memory so that several
-combination rules or thresholds (``--sweep-T``) are scored without running it again.
+The detector runs once per image and every requested combination rule or threshold
+(``--sweep-T``) is applied to its RoIs right away, so nothing per-RoI is kept between images.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cache_schema.errors import DatasetError
 from cache_schema.runtime import configure_threads, pick_device, sha256_file
 from extract.datasets.images import read_rgb
 from extract.datasets.lvis_json import check_images_exist, load_annotations, resolve_split
-from heads.evaluation import BinSpec, Metrics, evaluate_lvis, format_table, read_metrics, write_metrics, write_results
+from heads.evaluation import BinSpec, LvisEvaluator, Metrics, format_table, read_metrics, write_metrics, write_results
 from serve.dual import Combination, DualHeadDetector
 
 
@@ -56,22 +55,27 @@ def _progress(enabled: bool) -> Progress:
                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), disable=not enabled)
 
 
-def run_inference(detector: DualHeadDetector, annset, *, batch_size: int, progress: bool,
-                  combinations: tuple[Combination, ...] = (), limit: int | None = None,
-                  max_dets: int = 300) -> list:
-    """RoI outputs of every val image (in position order), with a progress bar (images/s)."""
+def run_inference(detector: DualHeadDetector, annset, *, combinations: tuple[Combination, ...], batch_size: int,
+                  progress: bool, limit: int | None = None, max_dets: int = 300) -> list[list[dict]]:
+    """LVIS results of every val image (position order) under each of ``combinations``: one
+    list per combination. Images stream through (nothing per-RoI is kept); a progress bar shows
+    images/s."""
     n = len(annset) if limit is None else min(limit, len(annset))
-    outputs = []
+    results: list[list[dict]] = [[] for _ in combinations]
     start = time.perf_counter()
     with _progress(progress) as bar:
         task = bar.add_task("inference", total=n, rate="")
         for lo in range(0, n, batch_size):
             idx = range(lo, min(lo + batch_size, n))
-            outputs += detector.run_images([read_rgb(annset.image_path(p)) for p in idx], combinations=combinations,
-                                           max_dets=max_dets)
-            rate = f"{len(outputs) / max(time.perf_counter() - start, 1e-9):.2f} img/s"
+            inferred = detector.infer([read_rgb(annset.image_path(p)) for p in idx], combinations=combinations,
+                                      max_dets=max_dets)
+            for p, inf in zip(idx, inferred):
+                im = annset.images[p]
+                for k, dets in enumerate(inf.dets):
+                    results[k] += detector.results(inf.out, dets, image_id=im.id, image_size=(im.height, im.width))
+            rate = f"{idx.stop / max(time.perf_counter() - start, 1e-9):.2f} img/s"
             bar.update(task, advance=len(idx), rate=rate)
-    return outputs
+    return results
 
 
 def _row_name(c: Combination, many_T: bool) -> str:
@@ -101,31 +105,30 @@ def evaluate_detector(*, ckpt: Path, data: Path, out_dir: Path, combines: tuple[
         raise DatasetError(f"{json_path}: categories differ from the detector's; evaluate on the dataset it was trained on")
     wanted = [detector.with_default(combine=c, T=T) for c in (combines or (detector.default.combine,))]
     wanted += [detector.with_default(combine="sel", T=t) for t in sweep_T]
+    wanted = list(dict.fromkeys(wanted))  # e.g. --combine sel --sweep-T 300 asks for sel@300 twice
     for c in wanted:
         detector.check(c)
     t0 = time.perf_counter()
-    outputs = run_inference(detector, annset, batch_size=batch_size, progress=progress,
-                            combinations=tuple(wanted), limit=limit, max_dets=max_dets)
+    results = run_inference(detector, annset, combinations=tuple(wanted), batch_size=batch_size, progress=progress,
+                            limit=limit, max_dets=max_dets)
     inference_s = time.perf_counter() - t0
-    images = annset.images[: len(outputs)]
+    n = len(annset) if limit is None else min(limit, len(annset))
+    images = annset.images[:n]
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, Metrics] = {}
     t1 = time.perf_counter()
-    for c in wanted:
-        results = []
-        for im, out in zip(images, outputs):
-            results += detector.detections(out, c, image_id=im.id, image_size=(im.height, im.width), max_dets=max_dets)
-        name = _row_name(c, bool(sweep_T))
-        metrics = evaluate_lvis(gt_json=json_path, results=results, bins=bins, max_dets=max_dets,
-                                image_ids=[im.id for im in images])
-        tag = name.replace("@T=", "_T")
-        write_results(out_dir / f"results_{tag}.json", results)
-        write_metrics(out_dir / f"metrics_{tag}.json", metrics)
-        rows[name] = metrics
+    names = [_row_name(c, bool(sweep_T)) for c in wanted]
+    # The rules' LVIS evaluations run in parallel worker processes (see LvisEvaluator).
+    with LvisEvaluator(gt_json=json_path, bins=bins, max_dets=max_dets, image_ids=[im.id for im in images]) as lvis:
+        for name, res in zip(names, results):
+            lvis.submit(name, res)
+            write_results(out_dir / f"results_{name.replace('@T=', '_T')}.json", res)
+        rows: dict[str, Metrics] = lvis.gather()
+    for name, metrics in rows.items():
+        write_metrics(out_dir / f"metrics_{name.replace('@T=', '_T')}.json", metrics)
     eval_s = time.perf_counter() - t1
-    summary = {"checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt), "images": len(outputs), "inference_seconds": inference_s,
-               "evaluation_seconds": eval_s, "images_per_second": len(outputs) / max(inference_s, 1e-9),
+    summary = {"checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt), "images": n, "inference_seconds": inference_s,
+               "evaluation_seconds": eval_s, "images_per_second": n / max(inference_s, 1e-9),
                "rows": {k: m.to_dict() for k, m in rows.items()},
                "T": {k: (c.T if math.isfinite(c.T) else "inf") for k, c in zip(rows, wanted)}}
     (out_dir / "eval_summary.json").write_text(json.dumps(summary, indent=1))
-    return EvalRun(rows=rows, images=len(outputs), inference_seconds=inference_s, evaluation_seconds=eval_s, out_dir=out_dir)
+    return EvalRun(rows=rows, images=n, inference_seconds=inference_s, evaluation_seconds=eval_s, out_dir=out_dir)

@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from cache_schema.errors import CheckpointError, ConfigError
 from cache_schema.runtime import sha256_file

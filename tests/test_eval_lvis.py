@@ -11,7 +11,7 @@ import pytest
 
 from cache_schema.errors import ConfigError, DatasetError
 from heads.evaluation.compat import patch_lvis_numpy
-from heads.evaluation.lvis_eval import evaluate_lvis, load_gt
+from heads.evaluation.lvis_eval import LvisEvaluator, evaluate_lvis, evaluate_lvis_many, load_gt
 from heads.evaluation.metrics import BinSpec, format_table, read_metrics, write_metrics, write_results
 
 H = W = 100
@@ -183,3 +183,24 @@ def test_patch_is_idempotent():
     patch_lvis_numpy()
     patch_lvis_numpy()
     assert np.float is float
+
+
+def test_parallel_evaluation_of_several_sets_equals_one_by_one(gt_path):
+    """evaluate_lvis_many spreads (set, IoU type) runs over worker processes; every number must
+    equal the in-process evaluation of that set alone."""
+    sets = {"all": RESULTS, "first_three": RESULTS[:3], "rescored": [{**r, "score": 1 - r["score"]} for r in RESULTS],
+            "none": []}
+    parallel = evaluate_lvis_many(gt_json=gt_path, results=sets, bins=BinSpec.lvis(), workers=2)
+    assert list(parallel) == list(sets)
+    for name, res in sets.items():
+        alone = evaluate_lvis(gt_json=gt_path, results=res, bins=BinSpec.lvis())
+        assert parallel[name].to_dict() == alone.to_dict(), name
+    assert parallel["all"].segm["AP"] != parallel["rescored"].segm["AP"]  # the sets really differ
+    assert math.isclose(parallel["all"].segm.per_category[2], CAT2, abs_tol=1e-12)
+
+
+def test_evaluator_refuses_a_name_twice(gt_path):
+    with LvisEvaluator(gt_json=gt_path, workers=1) as ev:
+        ev.submit("a", RESULTS)
+        with pytest.raises(ConfigError, match="submitted twice"):
+            ev.submit("a", RESULTS)

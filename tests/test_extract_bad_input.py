@@ -166,3 +166,17 @@ def test_unreadable_image_midway_leaves_an_incomplete_store(tiny_ckpt, tiny_data
     # Batches of 4: images 0-3 were written, the batch holding image 5 never ran.
     np.testing.assert_array_equal(done, np.arange(TINY_DATA.val_images) < 4)
     assert validate_store(out).incomplete == {"val": TINY_DATA.val_images - 4}
+
+
+def test_resume_recreates_a_store_whose_creation_was_interrupted(tiny_ckpt, tiny_data, tmp_path):
+    """`extract --resume` (what `roicache demo` reruns) on a store left uninitialized by a crash
+    during creation: no image can have been written, so shard 0 creates it again and finishes."""
+    out = tmp_path / "s.zarr"
+    assert _run(tiny_ckpt, tiny_data, out, "--splits", "val").exit_code == 0
+    open_store(out, mode="r+").group.attrs["initialized"] = False  # what a crash inside create_store leaves
+    with pytest.raises(SchemaError, match="is not initialized"):
+        open_store(out)
+    result = _run(tiny_ckpt, tiny_data, out, "--splits", "val", "--resume")
+    assert result.exit_code == 0, result.output
+    store = open_store(out)
+    assert store.is_complete and store.split("val").done().all()

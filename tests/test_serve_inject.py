@@ -136,6 +136,24 @@ def test_masks_of_detected_rows_only_equal_masks_of_all_rows(sel_ckpt, tiny_data
             assert a == b
 
 
+def test_infer_detections_equal_detections_of_complete_outputs(sel_ckpt, tiny_data):
+    """serve eval assembles each image's detections once, before its masks exist (they pick the
+    RoIs that need masks); the results must equal assembling them from complete outputs."""
+    det = DualHeadDetector(path=sel_ckpt, device=CPU)
+    records, images = val_images(tiny_data, 3)
+    wanted = (det.default, Combination(combine="orig"), Combination(combine="cal-only"))
+    inferred = det.infer(images, combinations=wanted, max_dets=300)
+    complete = det.run_images(images)
+    assert len(inferred) == len(images)
+    for rec, inf, all_out in zip(records, inferred, complete):
+        np.testing.assert_array_equal(inf.out.logits, all_out.logits)  # matched to the right image
+        assert len(inf.dets) == len(wanted)
+        size = (rec["height"], rec["width"])
+        for combination, dets in zip(wanted, inf.dets):
+            got = det.results(inf.out, dets, image_id=rec["id"], image_size=size)
+            assert got and got == det.detections(all_out, combination, image_id=rec["id"], image_size=size)
+
+
 def test_injected_checkpoint_records_provenance(sel_ckpt, tiny_ckpt, head_3fc):
     payload = torch.load(sel_ckpt, map_location="cpu", weights_only=True)
     injected = payload["meta"]["injected"]

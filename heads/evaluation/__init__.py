@@ -1,11 +1,11 @@
 """Evaluation: official LVIS API (with numpy-2 fixes), AP bins, detection assembly, cached eval.
 
 Modules: ``compat`` (lvis 0.5.3 fixes), ``metrics`` (BinSpec, Metrics, tables, files),
-``lvis_eval`` (evaluate_lvis), ``detections`` (per-image detections, ``det`` merging), ``masks`` (pasting, RLE),
+``lvis_eval`` (evaluate_lvis, LvisEvaluator: several result sets in parallel processes), ``detections`` (per-image detections, ``det`` merging), ``masks`` (pasting, RLE),
 ``cached`` (evaluate heads from the cache alone).
 """
 
-from heads.evaluation.cached import detect_cached, evaluate_cached
+from heads.evaluation.cached import detect_cached, evaluate_cached, evaluated_image_ids
 from heads.evaluation.compat import patch_lvis_numpy
 from heads.evaluation.detections import (
     Detections,
@@ -17,7 +17,7 @@ from heads.evaluation.detections import (
     to_results,
 )
 from heads.evaluation.masks import encode_masks, paste_and_encode, paste_roi_masks
-from heads.evaluation.lvis_eval import evaluate_lvis, load_gt
+from heads.evaluation.lvis_eval import LvisEvaluator, evaluate_lvis, evaluate_lvis_many, load_gt
 from heads.evaluation.metrics import (
     BinSpec,
     IouMetrics,
@@ -32,6 +32,7 @@ __all__ = [
     "BinSpec",
     "Detections",
     "IouMetrics",
+    "LvisEvaluator",
     "Metrics",
     "assemble_detection_arrays",
     "assemble_detections",
@@ -39,6 +40,8 @@ __all__ = [
     "encode_masks",
     "evaluate_cached",
     "evaluate_lvis",
+    "evaluate_lvis_many",
+    "evaluated_image_ids",
     "format_table",
     "load_gt",
     "masks_of",

@@ -145,7 +145,11 @@ def evaluate_cached(
     results = detect_cached(roiset=roiset, class_info=class_info, cal_probs=cal_probs, combine=combine, config=cfg,
                             image_ids=image_ids, image_sizes=image_sizes, score_thresh=score_thresh, nms_iou=nms_iou,
                             max_dets=max_dets, progress=progress)
-    evaluated = [int(image_ids[p]) for p in roiset.images.cpu().numpy()]
     metrics = evaluate_lvis(gt_json=gt_json, results=results, iou_types=iou_types, bins=bins, max_dets=max_dets,
-                            image_ids=evaluated)
+                            image_ids=evaluated_image_ids(roiset, image_ids))
     return results, metrics
+
+
+def evaluated_image_ids(roiset: RoiSet, image_ids: np.ndarray) -> list[int]:
+    """json ids of the images ``roiset`` holds (``image_ids``: id of every split position)."""
+    return [int(image_ids[p]) for p in roiset.images.cpu().numpy()]

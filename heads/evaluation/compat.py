@@ -58,7 +58,7 @@ def quiet_lvis() -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def _fields_for(result: dict, iou_type: str) -> dict:
+def fields_for(result: dict, iou_type: str) -> dict:
     """A fresh dict holding only what ``iou_type`` evaluation needs (callers' dicts stay intact,
     since LVISResults writes ``area``/``id`` into the dicts it gets)."""
     key = "segmentation" if iou_type == "segm" else "bbox"
@@ -77,7 +77,7 @@ def make_results(gt: LVIS, results: list[dict], *, iou_type: str, max_dets: int)
     shell.dataset["annotations"] = []
     with quiet_lvis():
         if results:
-            return LVISResults(shell, [_fields_for(r, iou_type) for r in results], max_dets=max_dets)
+            return LVISResults(shell, [fields_for(r, iou_type) for r in results], max_dets=max_dets)
         # LVISResults cannot take [], so build the same object state by hand: gt images and
         # categories, no annotations.
         empty = LVISResults.__new__(LVISResults)

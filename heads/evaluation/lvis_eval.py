@@ -8,15 +8,18 @@ of all precision entries > -1 over the categories of the bin (area range "all").
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from lvis import LVIS, LVISEval
 
 from cache_schema.errors import ConfigError, DatasetError
-from heads.evaluation.compat import IOU_TYPES, make_results, patch_lvis_numpy, quiet_lvis
+from cache_schema.runtime import available_cores
+from heads.evaluation.compat import IOU_TYPES, fields_for, make_results, patch_lvis_numpy, quiet_lvis
 from heads.evaluation.metrics import (
     SUMMARY_KEYS,
     BinSpec,
@@ -28,7 +31,7 @@ from heads.evaluation.metrics import (
     write_results,
 )
 
-__all__ = ["BinSpec", "Metrics", "evaluate_lvis", "format_table", "load_gt", "read_metrics", "write_metrics", "write_results"]
+__all__ = ["BinSpec", "Metrics", "evaluate_lvis", "LvisEvaluator", "evaluate_lvis_many", "format_table", "load_gt", "read_metrics", "write_metrics", "write_results"]
 
 RESULT_KEYS = ("image_id", "category_id", "score")
 
@@ -129,6 +132,134 @@ def _run_one(
     return _summarize(ev, gt, bins, num)
 
 
+# --------------------------------------------------------------------------- worker processes
+_WORKER_GT: LVIS | None = None
+
+
+def _init_worker(gt: LVIS) -> None:
+    global _WORKER_GT
+    patch_lvis_numpy()
+    _WORKER_GT = gt
+
+
+def _run_in_worker(results: list[dict], iou_type: str, bins: BinSpec, max_dets: int, image_ids: list[int]) -> IouMetrics:
+    assert _WORKER_GT is not None, "worker not initialised"
+    return _run_one(_WORKER_GT, results, iou_type=iou_type, bins=bins, max_dets=max_dets, image_ids=image_ids)
+
+
+def _jobs_of(results: list[dict], iou_types: Sequence[str], notes: list[str]) -> list[str]:
+    """The IoU types ``results`` can be evaluated for (a note for each skipped one)."""
+    jobs = []
+    for iou_type in iou_types:
+        key = "segmentation" if iou_type == "segm" else "bbox"
+        have = sum(1 for r in results if key in r)
+        if have != len(results):
+            if have == 0:
+                notes.append(f"{iou_type} not evaluated: the results carry no '{key}'")
+                continue
+            raise DatasetError(f"{len(results) - have} of {len(results)} results lack '{key}'; give it for all or none")
+        jobs.append(iou_type)
+    if not jobs:
+        raise DatasetError("the results have no masks, so segm cannot be evaluated; add 'bbox' to iou_types")
+    return jobs
+
+
+class LvisEvaluator:
+    """Official LVIS evaluation of several named result sets against one ground truth, run
+    while the caller produces the next set.
+
+    Each (result set, IoU type) is one independent ``LVISEval`` run. With ``workers > 1`` the
+    runs go to that many spawned processes as soon as :meth:`submit` gets a set, so the caller
+    can assemble the next rule's detections meanwhile; the numbers are exactly those of running
+    them one after another. Why processes: LVISEval is single-threaded pure Python (its
+    per-(image, class) matching dominates). Spawned, not forked: the parent holds torch's
+    thread pools. Use as a context manager; :meth:`gather` returns ``{name: Metrics}``.
+    """
+
+    def __init__(self, *, gt_json: str | os.PathLike[str] | LVIS, iou_types: Sequence[str] = ("segm", "bbox"),
+                 bins: BinSpec | None = None, max_dets: int = 300, image_ids: Sequence[int] | None = None,
+                 workers: int | None = None) -> None:
+        patch_lvis_numpy()
+        bad = [t for t in iou_types if t not in IOU_TYPES]
+        if bad or not iou_types:
+            raise ConfigError(f"iou_types {list(iou_types)} invalid; use a subset of {list(IOU_TYPES)}")
+        if max_dets <= 0:
+            raise ConfigError(f"max_dets={max_dets} must be > 0; LVIS uses 300")
+        self.gt = gt_json if isinstance(gt_json, LVIS) else load_gt(gt_json)
+        self.iou_types, self.bins, self.max_dets = tuple(iou_types), bins or BinSpec(), max_dets
+        if image_ids is None:
+            self.ids = sorted(int(i) for i in self.gt.imgs)
+        else:
+            self.ids = sorted({int(i) for i in image_ids})
+            missing = [i for i in self.ids if i not in self.gt.imgs]
+            if missing:
+                raise DatasetError(f"image ids {missing[:5]} are not in the annotation file; evaluate against the right split")
+        self.workers = max(1, available_cores() if workers is None else workers)
+        self._pool: ProcessPoolExecutor | None = None
+        self._runs: dict[str, dict[str, Future | IouMetrics]] = {}
+        self._notes: dict[str, list[str]] = {}
+
+    def __enter__(self) -> "LvisEvaluator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=exc[0] is None, cancel_futures=exc[0] is not None)
+            self._pool = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init_worker,
+                                             initargs=(self.gt,))
+        return self._pool
+
+    def submit(self, name: str, results: list[dict] | str | os.PathLike[str]) -> None:
+        """Validate ``results`` (LVIS results format) and start evaluating them as ``name``."""
+        if name in self._runs:
+            raise ConfigError(f"result set {name!r} submitted twice; give each one its own name")
+        res = _load_results(results)
+        _check_results(self.gt, res)
+        notes = self._notes[name] = [] if res else ["no detections: every category with ground truth scores AP 0"]
+        runs = self._runs[name] = {}
+        # segm first: it costs several times bbox, so the pool finishes its jobs together.
+        for iou_type in _jobs_of(res, self.iou_types, notes):
+            if self.workers == 1:
+                runs[iou_type] = _run_one(self.gt, res, iou_type=iou_type, bins=self.bins, max_dets=self.max_dets,
+                                          image_ids=self.ids)
+            else:  # send only the fields this IoU type reads: pickling is the pool's main overhead
+                runs[iou_type] = self._executor().submit(
+                    _run_in_worker, [fields_for(r, iou_type) for r in res], iou_type, self.bins, self.max_dets, self.ids)
+
+    def gather(self) -> dict[str, Metrics]:
+        """Wait for every submitted set; ``{name: Metrics}`` in submission order."""
+        out = {}
+        for name, runs in self._runs.items():
+            done = {t: (r.result() if isinstance(r, Future) else r) for t, r in runs.items()}
+            out[name] = Metrics(segm=done.get("segm"), bbox=done.get("bbox"), bins=self.bins, num_images=len(self.ids),
+                                max_dets=self.max_dets, notes=tuple(self._notes[name]))
+        return out
+
+
+def evaluate_lvis_many(
+    *,
+    gt_json: str | os.PathLike[str] | LVIS,
+    results: Mapping[str, list[dict] | str | os.PathLike[str]],
+    iou_types: Sequence[str] = ("segm", "bbox"),
+    bins: BinSpec | None = None,
+    max_dets: int = 300,
+    image_ids: Sequence[int] | None = None,
+    workers: int | None = None,
+) -> dict[str, Metrics]:
+    """:func:`evaluate_lvis` of several named result sets, spread over ``workers`` processes
+    (default: the cores available); see :class:`LvisEvaluator`."""
+    with LvisEvaluator(gt_json=gt_json, iou_types=iou_types, bins=bins, max_dets=max_dets, image_ids=image_ids,
+                       workers=workers) as ev:
+        for name, res in results.items():
+            ev.submit(name, res)
+        return ev.gather()
+
+
 def evaluate_lvis(
     *,
     gt_json: str | os.PathLike[str] | LVIS,
@@ -137,6 +268,7 @@ def evaluate_lvis(
     bins: BinSpec | None = None,
     max_dets: int = 300,
     image_ids: Sequence[int] | None = None,
+    workers: int = 1,
 ) -> Metrics:
     """Evaluate LVIS-format ``results`` against ``gt_json`` with the official LVIS API.
 
@@ -150,41 +282,9 @@ def evaluate_lvis(
         bins: AP bins by the categories' ``instance_count`` (training counts); default LVIS bins.
         max_dets: detections kept per image (highest scores), 300 for LVIS.
         image_ids: evaluate only these images (default: every image of ``gt_json``).
+        workers: processes for the IoU types (1: in this process).
     Returns:
         :class:`Metrics`; with no results every category with ground truth scores 0 (and a note).
     """
-    patch_lvis_numpy()
-    bins = bins or BinSpec()
-    bad = [t for t in iou_types if t not in IOU_TYPES]
-    if bad or not iou_types:
-        raise ConfigError(f"iou_types {list(iou_types)} invalid; use a subset of {list(IOU_TYPES)}")
-    if max_dets <= 0:
-        raise ConfigError(f"max_dets={max_dets} must be > 0; LVIS uses 300")
-    gt = gt_json if isinstance(gt_json, LVIS) else load_gt(gt_json)
-    results = _load_results(results)
-    _check_results(gt, results)
-    if image_ids is None:
-        ids = sorted(int(i) for i in gt.imgs)
-    else:
-        ids = sorted({int(i) for i in image_ids})
-        missing = [i for i in ids if i not in gt.imgs]
-        if missing:
-            raise DatasetError(f"image ids {missing[:5]} are not in the annotation file; evaluate against the right split")
-    notes: list[str] = []
-    if not results:
-        notes.append("no detections: every category with ground truth scores AP 0")
-    per_type: dict[str, IouMetrics | None] = {"segm": None, "bbox": None}
-    for iou_type in iou_types:
-        key = "segmentation" if iou_type == "segm" else "bbox"
-        have = sum(1 for r in results if key in r)
-        if have != len(results):
-            if have == 0:
-                notes.append(f"{iou_type} not evaluated: the results carry no '{key}'")
-                continue
-            raise DatasetError(f"{len(results) - have} of {len(results)} results lack '{key}'; give it for all or none")
-        per_type[iou_type] = _run_one(gt, results, iou_type=iou_type, bins=bins, max_dets=max_dets, image_ids=ids)
-    if per_type["segm"] is None and per_type["bbox"] is None:
-        raise DatasetError("the results have no masks, so segm cannot be evaluated; add 'bbox' to iou_types")
-    return Metrics(
-        segm=per_type["segm"], bbox=per_type["bbox"], bins=bins, num_images=len(ids), max_dets=max_dets, notes=tuple(notes)
-    )
+    return evaluate_lvis_many(gt_json=gt_json, results={"": results}, iou_types=iou_types, bins=bins,
+                              max_dets=max_dets, image_ids=image_ids, workers=workers)[""]

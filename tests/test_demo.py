@@ -1,0 +1,70 @@
+"""``roicache demo`` end to end on a tiny configuration: every stage for real, then a second run
+that must reuse every artefact (same numbers, no retraining, no re-extraction)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from serve.demo import DemoConfig, run_demo
+from tests.pipeline_fixtures import TINY_DATA, TINY_EXTRACT, TINY_TRAIN
+
+pytestmark = pytest.mark.slow
+
+TINY_DEMO = DemoConfig(
+    data=TINY_DATA, detector=TINY_TRAIN, extract=TINY_EXTRACT, T=9.0, speed_steps=3,
+    calibration={"schedule.max_steps": 40, "schedule.milestones": "30", "sampler.name": "bilevel",
+                 "head.name": "3fc_ft", "loss.name": "ce", "run.threads": 1, "run.device": "cpu"})
+ROWS = ("orig", "cal-only", "dual (sel, T=9)")
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory) -> tuple[Path, dict, dict]:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    first = run_demo(out_dir=out, progress=False, config=TINY_DEMO)
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "detector" / "detector.pt", out / "heads" / "simcal" / "head.pt")}
+    second = run_demo(out_dir=out, progress=False, config=TINY_DEMO)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # reused, not rewritten
+    return out, first, second
+
+
+def test_demo_table_rows_are_real_lvis_numbers(demo_runs):
+    out, first, _ = demo_runs
+    assert tuple(first["rows"]) == ROWS
+    for name in ROWS:
+        segm = first["rows"][name]["segm"]
+        assert segm["num_detections"] > 0
+        assert 0.0 <= segm["summary"]["AP"] <= 1.0
+        for key in ("APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4"):
+            assert key in segm["summary"]
+    # The rows are the full evaluation's own files, not copies of one another.
+    full = json.loads((out / "eval_full" / "eval_summary.json").read_text())["rows"]
+    assert first["rows"]["orig"] == full["orig"] and first["rows"]["dual (sel, T=9)"] == full["sel"]
+    assert full["orig"] != full["cal-only"]
+
+
+def test_demo_cached_evaluation_agrees_with_full(demo_runs):
+    _, first, _ = demo_runs
+    for cached, full in (("orig", "orig"), ("cal-only", "cal-only"), ("sel", "dual (sel, T=9)")):
+        c, f = first["cached_rows"][cached]["segm"], first["rows"][full]["segm"]
+        assert abs(c["summary"]["AP"] - f["summary"]["AP"]) < 1e-6, cached
+
+
+def test_demo_speed_record_and_plots(demo_runs):
+    out, first, _ = demo_runs
+    speed = first["speed"]
+    metrics = json.loads((out / "heads" / "simcal" / "metrics.json").read_text())
+    assert speed["cached_steps_per_s"] == metrics["steps_per_second"] and speed["cached_steps"] == 40
+    assert speed["steps"] == 3 and speed["online_steps_per_s"] > 0
+    assert speed["speedup"] == pytest.approx(speed["cached_steps_per_s"] / speed["online_steps_per_s"])
+    for name in ("ap_by_bin.png", "ap_per_class.png"):
+        assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_second_demo_run_reuses_everything(demo_runs):
+    _, first, second = demo_runs
+    assert second["rows"] == first["rows"] and second["speed"] == first["speed"]
+    assert second["timings"]["detector"] < 1.0 and second["timings"]["extract"] < 5.0
+    assert second["timings"]["calibrate"] < 5.0
