@@ -8,7 +8,7 @@ from torch import nn
 
 from cache_schema.errors import ConfigError
 from extract.detectors.arch import DetectorArch
-from extract.detectors.model import build_detector, count_parameters, parameter_breakdown
+from extract.detectors.model import AgnosticMaskPredictor, build_detector, count_parameters, parameter_breakdown
 from extract.detectors.toy import ToyShapes, tiny_arch
 
 # Exact trainable-parameter count of DetectorArch(num_classes=200) (the synthetic benchmark's C).
@@ -101,3 +101,21 @@ def test_train_mode_losses_and_eval_outputs():
         out = model(images)
     assert out[0]["masks"].shape[1:] == (1, 64, 64)
     assert len(out[0]["boxes"]) <= tiny_arch().box_detections_per_img
+
+
+@pytest.mark.parametrize("agnostic", [True, False])
+def test_inference_mask_logits_equal_torchvision_modules(agnostic):
+    """Eval-mode raw_logits computes the 2x2 stride-2 transposed conv as a matrix product; it must
+    give the module chain's values (ConvTranspose2d -> ReLU -> 1x1 Conv2d) up to float rounding."""
+    torch.manual_seed(0)
+    pred = AgnosticMaskPredictor(in_channels=8, num_classes_with_bg=5, class_agnostic=agnostic).eval()
+    for bias in (pred.conv5_mask.bias, pred.mask_fcn_logits.bias):
+        nn.init.normal_(bias)  # non-zero biases, so their placement is checked too
+    x = torch.randn(7, 8, 6, 6)
+    with torch.no_grad():
+        want = pred.mask_fcn_logits(pred.relu(pred.conv5_mask(x)))
+        got = pred.raw_logits(x)
+        assert got.shape == (7, 1 if agnostic else 5, 12, 12)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        pred.train()
+        assert torch.equal(pred.raw_logits(x), want)  # training keeps the modules themselves
