@@ -43,15 +43,7 @@ def test_demo_table_rows_are_real_lvis_numbers(demo_runs):
     full = json.loads((out / "eval_full" / "eval_summary.json").read_text())["rows"]
     assert first["rows"]["orig"] == full["orig"] and first["rows"]["dual (sel, T=9)"] == full["sel"]
     assert full["orig"] != full["cal-only"]
-
-
-def test_demo_cached_evaluation_agrees_with_full(demo_runs):
-    _, first, _ = demo_runs
-    assert list(first["cached_rows"]) == ["sel"]
-    for kind in ("segm", "bbox"):
-        c, f = first["cached_rows"]["sel"][kind], first["rows"]["dual (sel, T=9)"][kind]
-        assert c["num_detections"] == f["num_detections"]
-        assert abs(c["summary"]["AP"] - f["summary"]["AP"]) < 1e-6, kind
+    assert first["detector_steps"]["steps_done"] == TINY_DEMO.detector.max_steps
 
 
 def test_demo_speed_record_and_plots(demo_runs):
@@ -70,3 +62,5 @@ def test_second_demo_run_reuses_everything(demo_runs):
     assert second["rows"] == first["rows"] and second["speed"] == first["speed"]
     assert second["timings"]["detector"] < 1.0 and second["timings"]["extract"] < 5.0
     assert second["timings"]["calibrate"] < 5.0
+    # inject writes the same bytes again, so the finished full evaluation is found and reused.
+    assert second["timings"]["full_eval"] < 5.0
