@@ -195,7 +195,15 @@ class StreamingRoiSource:
 
 
 def check_finite(features: torch.Tensor, *, what: str) -> None:
-    """Raise :class:`NonFiniteFeatureError` when ``features`` holds NaN/inf."""
+    """Raise :class:`NonFiniteFeatureError` when ``features`` holds NaN/inf.
+
+    Why the sum first: a NaN or infinity anywhere makes the sum NaN or infinite, so a finite sum
+    proves every element finite at the cost of one reduction; the element-wise test (~6 ms per
+    training batch on one CPU thread, a fifth of a 3fc_ft step) runs only when the sum is not
+    finite, which float32 overflow of large finite values can also cause.
+    """
+    if features.numel() and bool(torch.isfinite(features.sum())):
+        return
     if not bool(torch.isfinite(features).all()):
         raise NonFiniteFeatureError(
             f"{what}: cached features contain NaN or infinity; re-extract the affected images "

@@ -12,7 +12,7 @@ import torch
 from cache_schema.errors import ConfigError, RoicacheError, SchemaError
 from heads.config import config_from_dict, load_config
 from heads.models import load_head
-from heads.sources import InMemoryRoiSource, NonFiniteFeatureError, StreamingRoiSource
+from heads.sources import InMemoryRoiSource, NonFiniteFeatureError, StreamingRoiSource, check_finite
 from heads.train import train_head
 from tests.test_train_heads_support import detector_state, make_class_info, make_world
 
@@ -192,3 +192,18 @@ def test_real_store_split_in_memory_and_streaming_train_alike(tmp_path):
     b = train_head(config=cfg, source=stream, class_info=info, init_state=state, out_dir=tmp_path / "b", progress=False)
     wa, wb = _weights(a.head_path), _weights(b.head_path)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_check_finite_is_exact_even_when_the_sum_overflows(dtype):
+    big = torch.finfo(dtype).max
+    check_finite(torch.full((4, 3), big / 2, dtype=dtype), what="t")  # finite values, infinite sum
+    check_finite(torch.zeros((0, 3), dtype=dtype), what="t")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.ones((4, 3), dtype=dtype)
+        x[2, 1] = bad
+        with pytest.raises(NonFiniteFeatureError):
+            check_finite(x, what="t")
+    both = torch.tensor([float("inf"), -float("inf")], dtype=dtype)  # sums to NaN, still caught
+    with pytest.raises(NonFiniteFeatureError):
+        check_finite(both, what="t")
