@@ -35,7 +35,7 @@ from heads.config import load_config  # noqa: E402
 from heads.evaluation import detect_cached, evaluate_cached, evaluate_lvis, load_gt  # noqa: E402
 from heads.pipeline import EVAL_COLUMNS, evaluate_from_store, load_head_for, score_rois, train_from_store  # noqa: E402
 from serve.dual import DualHeadDetector  # noqa: E402
-from serve.evaluate import evaluate_detector, run_inference  # noqa: E402
+from serve.evaluate import evaluate_detector, image_count, run_inference  # noqa: E402
 from serve.inject import inject  # noqa: E402
 
 
@@ -103,7 +103,7 @@ def breakdown(store_path: Path, ckpt: Path, head: Path, combine: str, T: float, 
     results = run_inference(det, annset, combinations=(combination,), batch_size=4, progress=False, limit=limit)[0]
     out["full"]["inference + both heads + combine + detection assembly (NMS, masks of detected RoIs, RLE)"] = \
         time.perf_counter() - t
-    n = len(annset) if limit is None else min(limit, len(annset))
+    n = image_count(annset, limit)
     t = time.perf_counter()
     evaluate_lvis(gt_json=load_gt(json_path), results=results, image_ids=[im.id for im in annset.images[:n]])
     out["full"]["LVIS API (segm + bbox)"] = time.perf_counter() - t

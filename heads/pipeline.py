@@ -172,7 +172,6 @@ def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, .
     if out_dir is not None:
         for name, metrics in rows.items():
             write_metrics(out_dir / f"metrics_{name}.json", metrics)
-    if out_dir is not None:
         summary = {name: m.to_dict() for name, m in rows.items()}
         (out_dir / "eval_summary.json").write_text(json.dumps({"T": T, "rows": summary}, indent=1))
     return EvalOutcome(rows=rows, out_dir=out_dir)

@@ -104,7 +104,8 @@ def _timed_calibration(out: Path, store: Path, ckpt: Path, run: Path, overrides:
     measured over its whole schedule) and through the detector (the first ``steps`` steps of the
     same schedule, same seed: per-step cost does not depend on the step)."""
     record = out / "speed.json"
-    cached_rate = json.loads((run / "metrics.json").read_text()).get("steps_per_second")
+    main_run = json.loads((run / "metrics.json").read_text())
+    cached_rate = main_run.get("steps_per_second")
     if record.is_file() and (old := json.loads(record.read_text())).get("checkpoint") == sha256_file(ckpt) and \
             old.get("cached_steps_per_s") == cached_rate and old.get("steps") == steps:
         return old
@@ -116,7 +117,7 @@ def _timed_calibration(out: Path, store: Path, ckpt: Path, run: Path, overrides:
     online_total_s = time.perf_counter() - t0
     if not cached_rate or not online.steps_per_second:
         raise RoicacheError(f"no steps/s recorded in {run / 'metrics.json'} or the online run; delete {run} and rerun")
-    result = {"checkpoint": sha256_file(ckpt), "steps": steps, "cached_steps": json.loads((run / "metrics.json").read_text())["steps"],
+    result = {"checkpoint": sha256_file(ckpt), "steps": steps, "cached_steps": main_run["steps"],
               "cached_steps_per_s": cached_rate, "online_steps_per_s": online.steps_per_second,
               "online_total_s": online_total_s, "speedup": cached_rate / online.steps_per_second}
     record.write_text(json.dumps(result, indent=1))

@@ -55,12 +55,17 @@ def _progress(enabled: bool) -> Progress:
                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), disable=not enabled)
 
 
+def image_count(annset, limit: int | None) -> int:
+    """Images evaluated: all of ``annset``, or its first ``limit``."""
+    return len(annset) if limit is None else min(limit, len(annset))
+
+
 def run_inference(detector: DualHeadDetector, annset, *, combinations: tuple[Combination, ...], batch_size: int,
                   progress: bool, limit: int | None = None, max_dets: int = 300) -> list[list[dict]]:
     """LVIS results of every val image (position order) under each of ``combinations``: one
     list per combination. Images stream through (nothing per-RoI is kept); a progress bar shows
     images/s."""
-    n = len(annset) if limit is None else min(limit, len(annset))
+    n = image_count(annset, limit)
     results: list[list[dict]] = [[] for _ in combinations]
     start = time.perf_counter()
     with _progress(progress) as bar:
@@ -112,7 +117,7 @@ def evaluate_detector(*, ckpt: Path, data: Path, out_dir: Path, combines: tuple[
     results = run_inference(detector, annset, combinations=tuple(wanted), batch_size=batch_size, progress=progress,
                             limit=limit, max_dets=max_dets)
     inference_s = time.perf_counter() - t0
-    n = len(annset) if limit is None else min(limit, len(annset))
+    n = image_count(annset, limit)
     images = annset.images[:n]
     out_dir.mkdir(parents=True, exist_ok=True)
     t1 = time.perf_counter()

@@ -58,10 +58,15 @@ def quiet_lvis() -> Iterator[None]:
         logger.setLevel(previous)
 
 
+def result_key(iou_type: str) -> str:
+    """The results field an IoU type evaluates: ``segmentation`` for segm, ``bbox`` for bbox."""
+    return "segmentation" if iou_type == "segm" else "bbox"
+
+
 def fields_for(result: dict, iou_type: str) -> dict:
     """A fresh dict holding only what ``iou_type`` evaluation needs (callers' dicts stay intact,
     since LVISResults writes ``area``/``id`` into the dicts it gets)."""
-    key = "segmentation" if iou_type == "segm" else "bbox"
+    key = result_key(iou_type)
     return {"image_id": result["image_id"], "category_id": result["category_id"], key: result[key], "score": result["score"]}
 
 

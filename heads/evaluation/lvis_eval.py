@@ -19,7 +19,7 @@ from lvis import LVIS, LVISEval
 
 from cache_schema.errors import ConfigError, DatasetError
 from cache_schema.runtime import available_cores
-from heads.evaluation.compat import IOU_TYPES, fields_for, make_results, patch_lvis_numpy, quiet_lvis
+from heads.evaluation.compat import IOU_TYPES, fields_for, make_results, result_key, patch_lvis_numpy, quiet_lvis
 from heads.evaluation.metrics import (
     SUMMARY_KEYS,
     BinSpec,
@@ -151,7 +151,7 @@ def _jobs_of(results: list[dict], iou_types: Sequence[str], notes: list[str]) ->
     """The IoU types ``results`` can be evaluated for (a note for each skipped one)."""
     jobs = []
     for iou_type in iou_types:
-        key = "segmentation" if iou_type == "segm" else "bbox"
+        key = result_key(iou_type)
         have = sum(1 for r in results if key in r)
         if have != len(results):
             if have == 0:
