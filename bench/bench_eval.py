@@ -5,12 +5,17 @@
 
 The head (``--head``, else one trained here: bi-level 3fc_ft, ``--head-steps`` steps, seed 0) is
 injected into the store's detector (``serve.inject``, ``--combine``/``--T``). Then, side by side
-(alternating, order rotated, 1 torch thread): ``heads.pipeline.evaluate_from_store`` (cached
-val RoIs → combined scores → detections → LVIS API) and ``serve.evaluate.evaluate_detector``
-(the injected detector run over the val images → the same → LVIS API), on the same val images
-(all, or the first ``--limit``: the cached side then runs the same library steps on those
-images, since ``evaluate_from_store`` has no limit). One more instrumented pass of each splits
-the time into read/inference, scoring, detection assembly and the LVIS API (shared by both).
+(alternating, order rotated, 1 torch thread), on the same val images:
+
+- ``cached``: ``heads.pipeline.evaluate_from_store`` as ``heads eval`` runs it (``auto``: the
+  array evaluator with the store's mask overlaps when the store has them);
+- ``cached-api``: the same with ``evaluator="lvis-api"`` (masks pasted, official LVIS API);
+- ``full``: ``serve.evaluate.evaluate_detector``, the injected detector over the val images,
+  official LVIS API.
+
+With ``--limit N`` only the first N val images are used (the cached side then runs the same
+library steps on them, since ``evaluate_from_store`` has no limit). One more instrumented pass of
+the cached and full pipelines splits their time into stages.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from cache_schema.runtime import pick_device  # noqa: E402
 from extract.datasets.lvis_json import load_annotations, resolve_split  # noqa: E402
 from heads.combine import CombineConfig  # noqa: E402
 from heads.config import load_config  # noqa: E402
-from heads.evaluation import detect_cached, evaluate_cached, evaluate_lvis, load_gt  # noqa: E402
+from heads.evaluation import evaluate_lvis, load_gt  # noqa: E402
+from heads.evaluation.cached import detect_cached_arrays  # noqa: E402
+from heads.evaluation.fast_inputs import det_arrays, evaluate_fast, gt_arrays, store_slots  # noqa: E402
 from heads.pipeline import EVAL_COLUMNS, evaluate_from_store, load_head_for, score_rois, train_from_store  # noqa: E402
 from serve.dual import DualHeadDetector  # noqa: E402
 from serve.evaluate import evaluate_detector, image_count, run_inference  # noqa: E402
@@ -50,23 +57,38 @@ def _head(store: Path, head: Path | None, steps: int) -> Path:
     return out
 
 
-def _val_subset(store, level: str | None, limit: int | None):
-    split = store.split("val")
-    cols = tuple(c for c in EVAL_COLUMNS if c != "mask_logits" or split.with_masks)
-    images = None if limit is None else np.arange(min(limit, split.num_images))
-    return split.load(level=level, columns=cols, images=images)
-
-
-def cached_limited(store_path: Path, head: Path, combine: str, T: float, limit: int):
-    """``evaluate_from_store``'s steps on the first ``limit`` val images (no files written)."""
+def cached_steps(store_path: Path, head: Path, combine: str, T: float, limit: int | None,
+                 stages: dict[str, float] | None = None):
+    """``evaluate_from_store``'s fast-evaluator steps on the first ``limit`` val images (all when
+    None), no files written; seconds per step into ``stages``."""
+    stages = {} if stages is None else stages
+    t = time.perf_counter()
     store = open_store(store_path)
     loaded = load_head_for(store, head)
-    val = _val_subset(store, loaded.meta.get("level", loaded.spec.level), limit)
-    probs = score_rois(loaded, val.features, device=pick_device("cpu"))
     split = store.split("val")
-    gt_json = Path(store.meta.dataset.splits["val"].annotation_path)
-    _, metrics = evaluate_cached(roiset=val, class_info=store.classes, cal_probs=probs, combine=combine, T=T,
-                                 gt_json=gt_json, image_ids=split.image_ids, image_sizes=split.image_sizes, progress=False)
+    images = None if limit is None else np.arange(min(limit, split.num_images))
+    cols = EVAL_COLUMNS + ("mask_area", "mask_inter")
+    val = split.load(level=loaded.meta.get("level", loaded.spec.level), columns=cols, images=images)
+    ids = [int(split.image_ids[p]) for p in val.images.numpy()]
+    stages["read val RoIs (logits, boxes, mask overlaps) from the store"] = time.perf_counter() - t
+    t = time.perf_counter()
+    gt_table = split.gt()
+    gt = gt_arrays(load_gt(Path(store.meta.dataset.splits["val"].annotation_path)), ids,
+                   slots=store_slots(gt_table.image, gt_table.ann_id))
+    stages["load val json, ground-truth arrays (GT RLE areas)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    probs = score_rois(loaded, val.features, device=pick_device("cpu"))
+    stages["score RoIs with the new head"] = time.perf_counter() - t
+    t = time.perf_counter()
+    dets = detect_cached_arrays(roiset=val, class_info=store.classes, cal_probs=probs, combine=combine,
+                                config=CombineConfig(T=T), image_ids=split.image_ids, image_sizes=split.image_sizes,
+                                progress=False)
+    stages["combine + detection assembly (NMS, top 300)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    arrays = det_arrays(dets=dets, image_ids=ids, category_ids=store.classes.category_ids,
+                        row_offsets=val.image_offsets[:-1].tolist(), mask_area=val.mask_area, mask_inter=val.mask_inter)
+    metrics = evaluate_fast(gt=gt, dets=arrays)
+    stages["array LVIS evaluation (segm + bbox)"] = time.perf_counter() - t
     return metrics
 
 
@@ -74,25 +96,8 @@ def breakdown(store_path: Path, ckpt: Path, head: Path, combine: str, T: float, 
     """One instrumented pass of each pipeline: seconds per stage."""
     out: dict[str, dict[str, float]] = {"cached": {}, "full": {}}
     store = open_store(store_path)
-    split = store.split("val")
     gt_json = Path(store.meta.dataset.splits["val"].annotation_path)
-    t = time.perf_counter()
-    loaded = load_head_for(store, head)
-    val = _val_subset(store, loaded.meta.get("level", loaded.spec.level), limit)
-    out["cached"]["read val RoIs from the store"] = time.perf_counter() - t
-    t = time.perf_counter()
-    probs = score_rois(loaded, val.features, device=pick_device("cpu"))
-    out["cached"]["score RoIs with the new head"] = time.perf_counter() - t
-    t = time.perf_counter()
-    results = detect_cached(roiset=val, class_info=store.classes, cal_probs=probs, combine=combine,
-                            config=CombineConfig(T=T), image_ids=split.image_ids, image_sizes=split.image_sizes,
-                            progress=False)
-    out["cached"]["combine + detection assembly (NMS, mask paste, RLE)"] = time.perf_counter() - t
-    ids = [int(split.image_ids[p]) for p in val.images.numpy()]
-    t = time.perf_counter()
-    evaluate_lvis(gt_json=gt_json, results=results, image_ids=ids)
-    out["cached"]["LVIS API (segm + bbox)"] = time.perf_counter() - t
-
+    cached_steps(store_path, head, combine, T, limit, out["cached"])
     json_path, root = resolve_split(Path(gt_json).parent, "val")
     annset = load_annotations(json_path, root)
     t = time.perf_counter()
@@ -108,6 +113,16 @@ def breakdown(store_path: Path, ckpt: Path, head: Path, combine: str, T: float, 
     evaluate_lvis(gt_json=load_gt(json_path), results=results, image_ids=[im.id for im in annset.images[:n]])
     out["full"]["LVIS API (segm + bbox)"] = time.perf_counter() - t
     return out
+
+
+def _evaluator_note(metrics) -> str:
+    notes = [n for n in getattr(metrics, "notes", ()) if n.startswith("evaluator:")]
+    return notes[0][len("evaluator: "):] if notes else "fast (array evaluation)"
+
+
+def _same(a, b) -> bool:
+    return all(getattr(a, k).summary == getattr(b, k).summary and getattr(a, k).per_category == getattr(b, k).per_category
+               for k in ("segm", "bbox"))
 
 
 def main() -> None:
@@ -135,34 +150,42 @@ def main() -> None:
     def cached() -> None:
         if a.limit is None:
             got["cached"] = evaluate_from_store(cache=str(a.store), head=head, combines=(a.combine,), T=a.T,
-                                                out_dir=work / "cached", progress=False).rows[a.combine]
+                                                out_dir=None, progress=False).rows[a.combine]
         else:
-            got["cached"] = cached_limited(a.store, head, a.combine, a.T, a.limit)
+            got["cached"] = cached_steps(a.store, head, a.combine, a.T, a.limit)
+
+    def cached_api() -> None:
+        if a.limit is None:
+            got["cached-api"] = evaluate_from_store(cache=str(a.store), head=head, combines=(a.combine,), T=a.T,
+                                                    out_dir=None, progress=False, evaluator="lvis-api").rows[a.combine]
 
     def full() -> None:
         run = evaluate_detector(ckpt=injected, data=data, out_dir=work / "full", combines=(a.combine,), T=a.T,
                                 progress=False, limit=a.limit, batch_size=4)
         got["full"] = run.rows[a.combine]
 
-    t = C.interleave({"cached": cached, "full": full}, repeats=repeats, warmup=False)
+    runs = {"cached": cached, "full": full} | ({"cached-api": cached_api} if a.limit is None else {})
+    t = C.interleave(runs, repeats=repeats, warmup=False)
     stages = breakdown(a.store, injected, head, a.combine, a.T, a.limit)
     n = store.split("val").num_images if a.limit is None else min(a.limit, store.split("val").num_images)
     ratio = t.median_ratio("full", "cached")
     hdr = C.header("P4 — cached vs full evaluation", extra={
         "what": f"head {head} injected with combine={a.combine}, T={a.T:g}; {n} val images "
-                f"({'all' if a.limit is None else f'first {a.limit}'}); 1 torch thread; LVIS API segm + bbox, max_dets 300",
+                f"({'all' if a.limit is None else f'first {a.limit}'}); 1 torch thread; segm + bbox AP, max_dets 300; "
+                f"cached evaluator: {_evaluator_note(got['cached'])}",
         "repeats": f"{repeats} interleaved (order rotated), no warm-up; {C.load_line(t)}"})
     body = C.table(["pipeline", "median wall", "per image"], [
         ["cached (`evaluate_from_store`)" if a.limit is None else "cached (its steps on the subset)",
          C.fmt_s(t.median("cached")), f"{1000 * t.median('cached') / n:.0f} ms"],
-        ["full (`evaluate_detector`)", C.fmt_s(t.median("full")), f"{1000 * t.median('full') / n:.0f} ms"]])
+        ["full (`evaluate_detector`)", C.fmt_s(t.median("full")), f"{1000 * t.median('full') / n:.0f} ms"]]
+        + ([["cached, `evaluator=\"lvis-api\"`", C.fmt_s(t.median("cached-api")),
+             f"{1000 * t.median('cached-api') / n:.0f} ms"]] if "cached-api" in got else []))
     lines = [f"- full / cached wall time: **{ratio:.1f}x** (per repeat: "
              + ", ".join(f"{x:.1f}" for x in t.ratios("full", "cached")) + "; target >= 20x)"]
-    lvis = stages["cached"]["LVIS API (segm + bbox)"], stages["full"]["LVIS API (segm + bbox)"]
-    rest_c = sum(stages["cached"].values()) - lvis[0]
-    rest_f = sum(stages["full"].values()) - lvis[1]
-    lines.append(f"- without the LVIS API (identical work in both): full / cached = {rest_f / rest_c:.1f}x "
-                 f"(instrumented pass below)")
+    if "cached-api" in got:
+        lines.append(f"- full / cached with the LVIS API: {t.median_ratio('full', 'cached-api'):.1f}x; "
+                     f"array evaluator vs LVIS API on the same cached detections: "
+                     f"{'bit-identical' if _same(got['cached'], got['cached-api']) else 'DIFFERENT'} metrics")
     rows = []
     for name in ("AP", "APr", "APc", "APf", "AP1", "AP2", "AP3", "AP4"):
         for iou in ("segm", "bbox"):

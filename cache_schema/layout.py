@@ -50,6 +50,9 @@ _ROI_BASE = {
 }
 FEATURE_DTYPE = np.dtype(np.float16)
 MASK_DTYPE = np.dtype(np.float16)
+# Mask overlaps (optional, splits with masks): each RoI's pasted-mask area and its intersection
+# with each ground-truth mask of its image, in pixels; column j is the image's j-th GT row.
+OVERLAP_DTYPE = np.dtype(np.int32)
 
 GT_ARRAYS = {
     "boxes": (np.float32, (4,)),
@@ -100,13 +103,21 @@ class ArraySpec:
         return np.dtype(object) if self.dtype == STRING_DTYPE else np.dtype(self.dtype)
 
 
-def roi_arrays(*, num_classes: int, with_masks: bool, mask_size: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-    """Per-RoI arrays (without features) of a split: ``"rois/<name>"`` -> (dtype, trailing shape)."""
+def roi_arrays(*, num_classes: int, with_masks: bool, mask_size: int,
+               mask_overlaps: int = 0) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Per-RoI arrays (without features) of a split: ``"rois/<name>"`` -> (dtype, trailing shape).
+
+    ``mask_overlaps`` > 0 (needs ``with_masks``) adds ``rois/mask_area`` int32 ``[]`` and
+    ``rois/mask_inter`` int32 ``[mask_overlaps]`` (one column per GT slot of the image).
+    """
     out = {}
     for name, (dtype, trailing) in _ROI_BASE.items():
         out[f"rois/{name}"] = (np.dtype(dtype), (num_classes + 1,) if trailing is None else trailing)
     if with_masks:
         out["rois/mask_logits"] = (MASK_DTYPE, (mask_size, mask_size))
+        if mask_overlaps > 0:
+            out["rois/mask_area"] = (OVERLAP_DTYPE, ())
+            out["rois/mask_inter"] = (OVERLAP_DTYPE, (int(mask_overlaps),))
     return out
 
 
@@ -120,6 +131,7 @@ def split_layout(
     with_masks: bool,
     mask_size: int,
     image_block: int,
+    mask_overlaps: int = 0,
 ) -> dict[str, ArraySpec]:
     """Every array of one split, keyed by its path inside the split group."""
     n, k = num_images, stride
@@ -131,7 +143,7 @@ def split_layout(
     # Completion marks: one image per chunk, so concurrent shards never write the same chunk.
     specs["images/num_rois"] = ArraySpec(path="images/num_rois", shape=(n,), chunks=(1,), dtype=np.dtype(np.int32), kind=KIND_MARK, clevel=None)
     specs["images/done"] = ArraySpec(path="images/done", shape=(n,), chunks=(1,), dtype=np.dtype(np.uint8), kind=KIND_MARK, clevel=None)
-    rois = roi_arrays(num_classes=num_classes, with_masks=with_masks, mask_size=mask_size)
+    rois = roi_arrays(num_classes=num_classes, with_masks=with_masks, mask_size=mask_size, mask_overlaps=mask_overlaps)
     rois.update({f"feat/{lv}": (FEATURE_DTYPE, tuple(shape)) for lv, shape in levels.items()})
     for path, (dtype, trailing) in rois.items():
         # Wide rows (features, masks, logits) are most of the bytes: zstd; narrow ones: fast lz4.
@@ -164,10 +176,13 @@ def classes_layout(*, num_classes: int, nnz: int) -> dict[str, ArraySpec]:
 
 
 def split_attrs(*, num_images: int, stride: int, num_gt: int, levels: tuple[str, ...], with_masks: bool,
-                mask_size: int, has_gt_proposals: bool, image_block: int) -> dict:
-    """Attributes of a split group (what a reader needs before opening any array)."""
+                mask_size: int, has_gt_proposals: bool, image_block: int, mask_overlaps: int = 0) -> dict:
+    """Attributes of a split group (what a reader needs before opening any array).
+
+    ``mask_overlaps`` was added after the first stores: readers take a missing one as 0.
+    """
     return {
         "num_images": num_images, "roi_stride": stride, "num_gt": num_gt, "levels": list(levels),
         "with_masks": with_masks, "mask_size": mask_size, "has_gt_proposals": has_gt_proposals,
-        "image_block": image_block,
+        "image_block": image_block, "mask_overlaps": mask_overlaps,
     }

@@ -341,6 +341,9 @@ class SplitSpec:
         levels: feature levels stored for this split (names from ``DetectorInfo.levels``).
         gt: the split's ground truth.
         with_masks: store ``rois/mask_logits`` (``[M, M]`` float16 per RoI).
+        mask_overlaps: with masks, also store each RoI's pasted-mask area and its pixel
+            intersection with each GT mask of its image; the value is the number of GT columns
+            (at least the most GTs any image has); 0 stores neither.
         has_gt_proposals: GT boxes were appended as RoIs.
         image_block: images per chunk of the image table arrays (``images/id`` etc.).
     """
@@ -355,6 +358,7 @@ class SplitSpec:
     with_masks: bool = False
     has_gt_proposals: bool = False
     image_block: int = 64
+    mask_overlaps: int = 0
 
     def __post_init__(self) -> None:
         _check_name("split", self.name)
@@ -379,6 +383,11 @@ class SplitSpec:
             raise SchemaError(f"split {self.name}: levels {self.levels} repeat a name")
         if self.image_block < 1:
             raise SchemaError(f"split {self.name}: image_block is {self.image_block}; it must be >= 1")
+        if self.mask_overlaps < 0 or (self.mask_overlaps and not self.with_masks):
+            raise SchemaError(f"split {self.name}: mask_overlaps={self.mask_overlaps} needs with_masks and must be >= 0")
+        most = int(np.bincount(self.gt.image, minlength=n).max()) if len(self.gt) else 0
+        if self.mask_overlaps and self.mask_overlaps < most:
+            raise SchemaError(f"split {self.name}: mask_overlaps={self.mask_overlaps} columns, but an image has {most} GTs")
         if len(self.gt) and (self.gt.image.min() < 0 or self.gt.image.max() >= n):
             raise SchemaError(f"split {self.name}: gt image positions must lie in [0, {n})")
 

@@ -68,7 +68,7 @@ class ClassInfo:
 
 
 # Optional per-RoI columns of a RoiSet, in the order they are documented.
-ROI_COLUMNS = ("boxes", "objectness", "is_gt", "gt_index", "logits", "reg_boxes", "mask_logits")
+ROI_COLUMNS = ("boxes", "objectness", "is_gt", "gt_index", "logits", "reg_boxes", "mask_logits", "mask_area", "mask_inter")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +94,9 @@ class RoiSet:
         logits: float32 ``[N, C+1]``, the original head's class logits, background last.
         reg_boxes: float32 ``[N, 4]``, class-agnostic regressed boxes, xyxy, clipped to the image.
         mask_logits: float16 ``[N, M, M]``, class-agnostic mask logits on ``reg_boxes``.
+        mask_area: int32 ``[N]``, pixels of the mask pasted from ``mask_logits`` (prob > 0.5).
+        mask_inter: int32 ``[N, G]``, pixels that mask shares with the image's GT ``j`` (the
+            ``j``-th GT row of the image; columns past its GT count are 0).
     """
 
     labels: torch.Tensor
@@ -109,6 +112,8 @@ class RoiSet:
     logits: torch.Tensor | None = None
     reg_boxes: torch.Tensor | None = None
     mask_logits: torch.Tensor | None = None
+    mask_area: torch.Tensor | None = None
+    mask_inter: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

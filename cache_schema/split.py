@@ -33,7 +33,8 @@ class SplitStore:
 
     Attributes:
         name: split name; ``num_images``: ``I``; ``stride``: ``K``; ``levels``: stored feature
-        levels; ``with_masks``; ``mask_size``; ``has_gt_proposals``; ``num_classes``: ``C``.
+        levels; ``with_masks``; ``mask_size``; ``has_gt_proposals``; ``num_classes``: ``C``;
+        ``mask_overlaps``: GT columns of ``rois/mask_inter`` (0: the split has no mask overlaps).
     """
 
     def __init__(self, *, group: zarr.Group, name: str, owner: "Store") -> None:
@@ -49,11 +50,13 @@ class SplitStore:
             self.with_masks = bool(attrs["with_masks"])
             self.mask_size = int(attrs["mask_size"])
             self.has_gt_proposals = bool(attrs["has_gt_proposals"])
+            self.mask_overlaps = int(attrs.get("mask_overlaps", 0))  # absent in stores made before it
         except KeyError as exc:
             raise SchemaError(f"split {name} lacks attribute {exc}; the store is damaged, re-extract it") from None
         self.num_classes = owner.meta.num_classes
         self._level_shapes = {lv: tuple(owner.meta.detector.levels[lv]) for lv in self.levels}
-        self._roi_arrays = roi_arrays(num_classes=self.num_classes, with_masks=self.with_masks, mask_size=self.mask_size)
+        self._roi_arrays = roi_arrays(num_classes=self.num_classes, with_masks=self.with_masks, mask_size=self.mask_size,
+                                      mask_overlaps=self.mask_overlaps)
         self._arrays: dict[str, zarr.Array] = {}
         self._files: dict[str, ChunkFiles | None] = {}
 
@@ -209,6 +212,8 @@ class SplitStore:
             raise ConfigError(f"unknown RoI column(s) {unknown}; choose from {', '.join(ROI_COLUMNS)}")
         if "mask_logits" in columns and not self.with_masks:
             raise SchemaError(f"split {self.name} stores no mask logits (extract stores them for the val split only); read masks from a split that has them")
+        if {"mask_area", "mask_inter"} & set(columns) and not self.mask_overlaps:
+            raise SchemaError(f"split {self.name} stores no mask overlaps (stores extracted before they were added lack them); re-extract it")
         paths = {"labels": "rois/labels", "ious": "rois/ious"}
         paths.update({c: f"rois/{c}" for c in columns})
         if level is not None:

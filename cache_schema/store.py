@@ -43,8 +43,8 @@ def _is_url(location: str) -> bool:
     return "://" in location
 
 
-def create_array(group: zarr.Group, spec: ArraySpec) -> zarr.Array:
-    """Create one (empty) array from its spec.
+def create_array(group: zarr.Group, spec: ArraySpec, *, overwrite: bool = False) -> zarr.Array:
+    """Create one (empty) array from its spec (``overwrite``: replace one already there).
 
     ``write_empty_chunks`` is on because zarr would otherwise skip (and delete) an all-zero chunk,
     and validation treats a missing chunk of a finished image as damage.
@@ -52,7 +52,7 @@ def create_array(group: zarr.Group, spec: ArraySpec) -> zarr.Array:
     return group.create_array(
         name=spec.path, shape=spec.shape, chunks=spec.chunks, dtype=str if spec.dtype == "str" else spec.dtype,
         compressors=spec.compressors(), fill_value="" if spec.dtype == "str" else 0,
-        config={"write_empty_chunks": True},
+        config={"write_empty_chunks": True}, overwrite=overwrite,
     )
 
 
@@ -292,12 +292,12 @@ def _create_split(group: zarr.Group, spec: SplitSpec, meta: StoreMeta) -> None:
     group.attrs.update(split_attrs(
         num_images=spec.num_images, stride=spec.stride, num_gt=len(spec.gt), levels=spec.levels,
         with_masks=spec.with_masks, mask_size=mask_size, has_gt_proposals=spec.has_gt_proposals,
-        image_block=spec.image_block,
+        image_block=spec.image_block, mask_overlaps=spec.mask_overlaps,
     ))
     layout = split_layout(
         num_images=spec.num_images, stride=spec.stride, num_gt=len(spec.gt), num_classes=meta.num_classes,
         levels={lv: meta.detector.levels[lv] for lv in spec.levels}, with_masks=spec.with_masks,
-        mask_size=mask_size, image_block=spec.image_block,
+        mask_size=mask_size, image_block=spec.image_block, mask_overlaps=spec.mask_overlaps,
     )
     tables = {
         "images/id": spec.image_ids,

@@ -109,11 +109,13 @@ def tiny_inputs(
         gt = _gt(rng, n_images, c, sizes, first_ann)
         first_ann += len(gt)
         with_masks = name == "val"
+        overlaps = int(np.bincount(gt.image, minlength=n_images).max()) if with_masks and len(gt) else 0
         spec = SplitSpec(name=name, image_ids=np.arange(n_images) * 7 + 100, image_sizes=sizes,
                          file_names=tuple(f"images/{name}/{i:012d}.png" for i in range(n_images)), stride=stride,
-                         levels=tuple(level_map), gt=gt, with_masks=with_masks, has_gt_proposals=name == "train", image_block=4)
+                         levels=tuple(level_map), gt=gt, with_masks=with_masks, has_gt_proposals=name == "train", image_block=4,
+                         mask_overlaps=overlaps)
         specs.append(spec)
-        paths = roi_arrays(num_classes=c, with_masks=with_masks, mask_size=mask_size)
+        paths = roi_arrays(num_classes=c, with_masks=with_masks, mask_size=mask_size, mask_overlaps=overlaps)
         paths.update({f"feat/{lv}": (np.dtype(np.float16), shape) for lv, shape in level_map.items()})
         counts = rng.integers(1, stride + 1, size=n_images)
         if n_images > 1:

@@ -40,6 +40,7 @@ from extract.datasets.lvis_json import AnnotationSet, check_images_exist, class_
 from extract.detectors.adapter import TorchvisionAdapter
 from extract.head_weights import detector_head_state, write_head_weights
 from extract.matching import match_rois
+from extract.overlaps import image_overlaps
 from extract.progress import ExtractProgress
 from extract.sharding import Shard, batch_groups
 
@@ -147,6 +148,16 @@ def _meta(adapter: TorchvisionAdapter, ckpt: Path, inputs: list[_SplitInput], co
                      splits=tuple(s.name for s in inputs), num_classes=adapter.num_classes)
 
 
+def _overlap_columns(s: _SplitInput) -> int:
+    """GT columns of the split's mask overlaps: the most GTs of any image, or 0 (none stored)
+    when the split keeps no masks or some annotation has no segmentation to compare with."""
+    if s.name not in MASK_SPLITS:
+        return 0
+    if any("segmentation" not in a for anns in s.annset.annotations for a in anns):
+        return 0
+    return max((len(r) for r in s.gt_rows_of_image), default=0)
+
+
 def _split_spec(s: _SplitInput, config: ExtractConfig, rois_per_image: int) -> SplitSpec:
     imgs = s.annset.images
     max_gt = max((len(r) for r in s.gt_rows_of_image), default=0)
@@ -156,6 +167,7 @@ def _split_spec(s: _SplitInput, config: ExtractConfig, rois_per_image: int) -> S
         image_sizes=np.array([(im.height, im.width) for im in imgs], np.int32).reshape(-1, 2),
         file_names=tuple(im.file_name for im in imgs), stride=rois_per_image + (max_gt if with_gt else 0),
         levels=config.levels, gt=s.gt, with_masks=s.name in MASK_SPLITS, has_gt_proposals=with_gt,
+        mask_overlaps=_overlap_columns(s),
     )
 
 
@@ -209,7 +221,15 @@ def _write_batch(split, s: _SplitInput, group: list[int], outputs: list, config:
         arrays.update({f"feat/{lv}": out.features[lv] for lv in config.levels})
         if with_masks:
             arrays["rois/mask_logits"] = out.mask_logits
+        if split.mask_overlaps:
+            arrays["rois/mask_area"], arrays["rois/mask_inter"] = _overlaps(s, p, out, split.mask_overlaps)
         split.write_image(p, arrays=arrays)
+
+
+def _overlaps(s: _SplitInput, p: int, out, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    im = s.annset.images[p]
+    return image_overlaps(anns=s.annset.annotations[p], height=im.height, width=im.width, reg_boxes=out.reg_boxes,
+                          mask_logits=out.mask_logits, columns=columns)
 
 
 def _run_split(store: Store, s: _SplitInput, adapter: TorchvisionAdapter, config: ExtractConfig,

@@ -73,13 +73,15 @@ def evaluate(
     bins: str = typer.Option("lvis", help="AP-bin preset: lvis | coco-lt."),
     out: Path = typer.Option(None, help="Write results and metrics json here."),
     device: str = typer.Option(None, help="auto | cpu | cuda[:i]"),
+    evaluator: str = typer.Option("auto", help="fast (LVISEval's exact rules on arrays, mask IoUs from the store) | "
+                                               "lvis-api (paste masks, official API) | auto (fast when the store allows)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Cached evaluation: score the store's val RoIs, combine heads, LVIS AP table."""
     combines = tuple(c.strip() for c in combine.split(",") if c.strip())
     outcome = evaluate_from_store(cache=cache, head=head, combines=combines, T=T, out_dir=out, bins=_bins(bins),
                                   device=device, combine_config=CombineConfig(T=T, boundary=boundary),
-                                  progress=not quiet)
+                                  progress=not quiet, evaluator=evaluator)
     Console().print(format_table(outcome.rows))
 
 

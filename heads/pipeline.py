@@ -16,18 +16,24 @@ from cache_schema import Store, open_store
 from cache_schema.errors import CheckpointError, ConfigError, SchemaError
 from cache_schema.head_init import read_head_weights
 from cache_schema.records import RoiSet
-from cache_schema.runtime import pick_device
+from cache_schema.runtime import pick_device, sha256_file
 from heads.combine import RULES, CombineConfig
 from heads.config import TrainConfig
-from heads.evaluation import BinSpec, LvisEvaluator, Metrics, detect_cached, evaluated_image_ids, write_metrics, write_results
+from heads.evaluation import (BinSpec, LvisEvaluator, Metrics, detect_cached, evaluated_image_ids, load_gt, to_results,
+                              write_metrics, write_results)
+from heads.evaluation.cached import detect_cached_arrays
+from heads.evaluation.fast_inputs import OverlapsUnavailable, det_arrays, evaluate_fast, gt_arrays, store_slots
+from heads.evaluation.fast_lvis import GtArrays
 from heads.models import head_scores, level_for_head, load_head
 from heads.sources import InMemoryRoiSource, StreamingRoiSource
 from heads.train import TrainResult, train_head
 
 #: Heads that start from the detector's own layers (copied into the store at extraction).
 FROM_DETECTOR = ("3fc_ft", "last2fc", "lastfc")
-#: Columns cached evaluation reads from the val split.
-EVAL_COLUMNS = ("logits", "reg_boxes", "mask_logits")
+#: Columns cached evaluation reads from the val split (plus mask logits or mask overlaps).
+EVAL_COLUMNS = ("logits", "reg_boxes")
+#: ``heads eval --evaluator`` choices.
+EVALUATORS = ("auto", "fast", "lvis-api")
 
 
 def store_identity(store: Store) -> dict:
@@ -124,12 +130,14 @@ def score_rois(loaded: LoadedHead, features: torch.Tensor, *, device: torch.devi
     return torch.cat(out) if out else torch.zeros(0, loaded.spec.num_classes + 1)
 
 
-def val_split_for_eval(store: Store, level: str | None) -> RoiSet:
+def val_split_for_eval(store: Store, level: str | None, *, overlaps: bool = False) -> RoiSet:
+    """The val RoIs cached evaluation reads: with ``overlaps`` the mask areas and intersections
+    (array evaluation), else the mask logits (pasted for the LVIS API)."""
     if "val" not in store.splits:
         raise SchemaError(f"store {store.path} has no val split; extract it with --splits train,val")
     split = store.split("val")
-    columns = tuple(c for c in EVAL_COLUMNS if c != "mask_logits" or split.with_masks)
-    return split.load(level=level, columns=columns)
+    masks = ("mask_area", "mask_inter") if overlaps else ("mask_logits",) if split.with_masks else ()
+    return split.load(level=level, columns=EVAL_COLUMNS + masks)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,40 +146,101 @@ class EvalOutcome:
     out_dir: Path | None
 
 
+def _fast_ground_truth(store: Store, gt_json: Path, evaluator: str, image_ids: list[int]) -> tuple[GtArrays | None, str]:
+    """The ground truth for array evaluation, or None and why the LVIS API has to be used."""
+    if evaluator == "lvis-api":
+        return None, "evaluator: lvis-api (asked for)"
+    split = store.split("val")
+    reason = ""
+    if split.with_masks and not split.mask_overlaps:
+        reason = "the store has no mask overlaps (extracted before they were added); re-extract val for fast evaluation"
+    elif sha256_file(gt_json) != store.meta.dataset.splits["val"].annotation_sha256:
+        reason = f"{gt_json} changed since extraction, so the stored mask overlaps may not match it; re-extract val"
+    else:
+        gt_table = split.gt()
+        slots = store_slots(gt_table.image, gt_table.ann_id) if split.mask_overlaps else None
+        try:
+            return gt_arrays(load_gt(gt_json), image_ids, slots=slots), "evaluator: fast (LVISEval's rules on arrays, mask IoUs from the store's overlaps)"
+        except OverlapsUnavailable as exc:
+            reason = f"{exc} (crowd or degenerate annotations are not extracted)"
+    if evaluator == "fast":
+        raise SchemaError(f"--evaluator fast is not possible: {reason}; or pass --evaluator lvis-api")
+    return None, f"evaluator: lvis-api ({reason})"
+
+
 def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, ...], T: float,
                         out_dir: Path | None, bins: BinSpec | None = None, device: str | None = None,
-                        combine_config: CombineConfig | None = None, progress: bool = True) -> EvalOutcome:
+                        combine_config: CombineConfig | None = None, progress: bool = True,
+                        evaluator: str = "auto") -> EvalOutcome:
     """Cached evaluation: the original head (``orig``) and/or ``head`` combined by each of
-    ``combines`` on the store's val RoIs, scored with the LVIS API against the val json."""
+    ``combines`` on the store's val RoIs, scored against the val json.
+
+    ``evaluator``: ``fast`` evaluates arrays with LVISEval's exact rules and the store's mask
+    overlaps (:mod:`heads.evaluation.fast_lvis`, equal to the LVIS API, tested); ``lvis-api``
+    pastes masks and runs the official API; ``auto`` takes ``fast`` when the store allows it.
+    """
     unknown = [c for c in combines if c not in RULES]
     if unknown:
         raise ConfigError(f"unknown combine scheme(s) {unknown}; choose from {', '.join(RULES)}")
+    if evaluator not in EVALUATORS:
+        raise ConfigError(f"unknown evaluator {evaluator!r}; choose from {', '.join(EVALUATORS)}")
     store = open_store(cache)
     loaded = load_head_for(store, head) if head is not None else None
     if loaded is None and any(c != "orig" for c in combines):
         raise ConfigError("combine schemes other than 'orig' need a head: pass --head RUN_DIR")
-    level = loaded.meta.get("level", level_for_head(loaded.spec.name)) if loaded else None
-    val = val_split_for_eval(store, level)
-    probs = score_rois(loaded, val.features, device=pick_device(device)) if loaded else None
+    if "val" not in store.splits:
+        raise SchemaError(f"store {store.path} has no val split; extract it with --splits train,val")
     split = store.split("val")
     gt_json = Path(store.meta.dataset.splits["val"].annotation_path)
     if not gt_json.is_file():
         raise SchemaError(f"the val annotation file {gt_json} recorded in the store is gone; restore it or re-extract")
+    level = loaded.meta.get("level", level_for_head(loaded.spec.name)) if loaded else None
+    image_ids = evaluated_image_ids_of(split)
+    fast_gt, note = _fast_ground_truth(store, gt_json, evaluator, image_ids)
+    val = val_split_for_eval(store, level, overlaps=fast_gt is not None and split.mask_overlaps > 0)
+    probs = score_rois(loaded, val.features, device=pick_device(device)) if loaded else None
     config = replace(combine_config or CombineConfig(), T=float(T))
-    # Each rule's LVIS evaluation runs in a worker process while the next rule's detections are
-    # assembled here.
-    with LvisEvaluator(gt_json=gt_json, bins=bins, image_ids=evaluated_image_ids(val, split.image_ids)) as lvis:
-        for name in combines:
-            results = detect_cached(roiset=val, class_info=store.classes, cal_probs=probs, combine=name, config=config,
-                                    image_ids=split.image_ids, image_sizes=split.image_sizes, progress=progress)
-            lvis.submit(name, results)
-            if out_dir is not None:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                write_results(out_dir / f"results_{name}.json", results)
-        rows = lvis.gather()
+    args = dict(roiset=val, class_info=store.classes, cal_probs=probs, config=config, image_ids=split.image_ids,
+                image_sizes=split.image_sizes, progress=progress)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if fast_gt is not None:
+        rows = {name: _evaluate_rule_fast(fast_gt, val, split, name, args, bins, note, out_dir) for name in combines}
+    else:
+        # Each rule's LVIS evaluation runs in a worker process while the next rule's detections
+        # are assembled here.
+        with LvisEvaluator(gt_json=gt_json, bins=bins, image_ids=evaluated_image_ids(val, split.image_ids)) as lvis:
+            for name in combines:
+                results = detect_cached(combine=name, **args)
+                lvis.submit(name, results)
+                if out_dir is not None:
+                    write_results(out_dir / f"results_{name}.json", results)
+            rows = {name: replace(m, notes=m.notes + (note,)) for name, m in lvis.gather().items()}
     if out_dir is not None:
         for name, metrics in rows.items():
             write_metrics(out_dir / f"metrics_{name}.json", metrics)
         summary = {name: m.to_dict() for name, m in rows.items()}
         (out_dir / "eval_summary.json").write_text(json.dumps({"T": T, "rows": summary}, indent=1))
     return EvalOutcome(rows=rows, out_dir=out_dir)
+
+
+def evaluated_image_ids_of(split) -> list[int]:
+    """json ids of the val images cached evaluation reads (the finished ones)."""
+    sel, _ = split.select()
+    return [int(split.image_ids[p]) for p in sel]
+
+
+def _evaluate_rule_fast(gt: GtArrays, val: RoiSet, split, name: str, args: dict, bins: BinSpec | None, note: str,
+                        out_dir: Path | None) -> Metrics:
+    dets = detect_cached_arrays(combine=name, **args)
+    positions = val.images.numpy()
+    image_ids = [int(split.image_ids[p]) for p in positions]
+    arrays = det_arrays(dets=dets, image_ids=image_ids, category_ids=args["class_info"].category_ids,
+                        row_offsets=val.image_offsets[:-1].tolist(), mask_area=val.mask_area, mask_inter=val.mask_inter)
+    iou_types = ("segm", "bbox") if val.mask_inter is not None else ("bbox",)
+    notes = (note,) if iou_types == ("segm", "bbox") else (note, "segm not evaluated: the store keeps no masks")
+    if out_dir is not None:  # boxes only: the masks were never pasted
+        results = [r for j, d in enumerate(dets)
+                   for r in to_results(dets=d, image_id=image_ids[j], category_ids=args["class_info"].category_ids)]
+        write_results(out_dir / f"results_{name}.json", results)
+    return evaluate_fast(gt=gt, dets=arrays, iou_types=iou_types, bins=bins, notes=notes)

@@ -129,6 +129,21 @@ def cache_export(store: str = typer.Argument(..., help="Store path or URL."),
     Console().print(f"exported to {path}")
 
 
+@cache_app.command("add-mask-overlaps")
+@friendly_errors
+def cache_add_overlaps(store: str = typer.Argument(..., help="Store path (opened for writing)."),
+                       split: str = typer.Option("val", help="Split whose mask logits to overlap with its ground truth."),
+                       quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")) -> None:
+    """Add the mask overlaps fast `heads eval` reads to a store extracted before they existed."""
+    from extract.overlaps import add_mask_overlaps
+
+    report = add_mask_overlaps(store, split=split, progress=not quiet)
+    if report.added:
+        Console().print(f"{store}: mask overlaps of {report.images} {split} images added ({report.columns} GT columns)")
+    else:
+        Console().print(f"{store}: split {split} already has mask overlaps; nothing to do")
+
+
 @app.command("demo")
 @friendly_errors
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Run directory; valid artifacts in it are reused."),

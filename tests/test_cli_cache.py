@@ -135,3 +135,29 @@ def test_export_hdf5_holds_the_compacted_rows(tiny_store, tmp_path):
             np.testing.assert_array_equal(h5[f"{name}/images/roi_offsets"][...], rows.image_offsets.numpy())
             assert f"{name}/feat/pooled" not in h5
     assert not list(tmp_path.glob("*.partial-*"))
+
+
+def test_add_mask_overlaps_recomputes_what_extraction_stored(copy, tiny_store):
+    import zarr
+
+    val = zarr.open_group(str(copy / "val"), mode="r+")
+    stored = {p: np.asarray(val[p][:]) for p in ("rois/mask_area", "rois/mask_inter")}
+    assert stored["rois/mask_inter"].max() > 0  # extraction wrote real overlaps
+    # Make the copy look like a store extracted before overlaps existed.
+    del val.attrs["mask_overlaps"]
+    for p in stored:
+        del val[p]
+    assert open_store(copy).split("val").mask_overlaps == 0
+    result = _invoke("cache", "validate", str(copy))
+    assert result.exit_code == 0, result.output  # an old store is valid without them
+    result = _invoke("cache", "add-mask-overlaps", str(copy), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "mask overlaps of 10 val images added" in " ".join(result.stdout.split())
+    again = open_store(copy).split("val")
+    assert again.mask_overlaps == stored["rois/mask_inter"].shape[1]
+    for p, values in stored.items():
+        assert np.array_equal(np.asarray(again.array(p)[:]), values), p
+    assert _invoke("cache", "validate", str(copy)).exit_code == 0
+    assert "nothing to do" in " ".join(_invoke("cache", "add-mask-overlaps", str(copy), "--quiet").stdout.split())
+    bad = _invoke("cache", "add-mask-overlaps", str(copy), "--split", "train", "--quiet")
+    assert bad.exit_code != 0 and "stores no mask logits" in bad.output and "Traceback" not in bad.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torchvision.models.detection.roi_heads import RoIHeads, paste_masks_in_imag
 from torchvision.ops import MultiScaleRoIAlign
 
 from cache_schema.errors import ConfigError
+from cache_schema.masks import gt_rle, mask_overlaps
 from heads.evaluation.masks import encode_masks, paste_and_encode, paste_roi_masks
 from heads.evaluation.detections import (
     Detections,
@@ -94,6 +96,23 @@ def test_fast_paste_is_pixel_identical_to_torchvision(m):
     assert torch.equal(ours, ref) and ref.any()
     assert paste_and_encode(mask_logits=logits, boxes=boxes, image_size=(H, W)) == encode_masks(ref)
     assert paste_and_encode(mask_logits=logits[:0], boxes=boxes[:0], image_size=(H, W)) == []
+
+
+def test_mask_overlaps_give_the_iou_of_the_pasted_rles():
+    g = torch.Generator().manual_seed(3)
+    k = 40
+    xy = torch.rand(k, 2, generator=g) * torch.tensor([W - 10.0, H - 10.0])
+    boxes = torch.cat([xy, xy + torch.rand(k, 2, generator=g) * 40 + 2], 1)
+    logits = (torch.randn(k, 28, 28, generator=g) * 3).half()
+    logits[0] = -9.0  # an empty mask
+    polys = [[[5.0, 5.0, 40.0, 8.0, 30.0, 35.0]], [[0.0, 0.0, W, 0.0, W, 12.0, 0.0, 12.0], [10.0, 20.0, 20.0, 20.0, 15.0, 30.0]]]
+    gt = [gt_rle(p, H, W) for p in polys] + [gt_rle({"size": [H, W], "counts": [H * 3, H * 2, H * (W - 5)]}, H, W)]
+    area, inter = mask_overlaps(mask_logits=logits, boxes=boxes, image_size=(H, W), gt_rles=gt)
+    rles = paste_and_encode(mask_logits=logits, boxes=boxes, image_size=(H, W))
+    assert area.tolist() == [int(a) for a in mask_utils.area(rles)] and area.min() == 0 < area.max()
+    union = area[:, None] + mask_utils.area(gt)[None, :].astype(np.int64) - inter
+    ours = np.where(inter > 0, inter / np.maximum(union, 1), 0.0)
+    assert inter.max() > 0 and np.array_equal(ours, mask_utils.iou(rles, gt, [0] * len(gt)))  # exact, not close
 
 
 def test_zero_scores_dropped_like_torchvision():

@@ -33,14 +33,15 @@ def test_load_is_bit_identical_and_compacted(built):
     for spec in inputs.specs:
         split = store.split(spec.name)
         counts = np.asarray([len(r["rois/labels"]) for r in inputs.rows[spec.name]])
-        cols = tuple(c for c in ROI_COLUMNS if c != "mask_logits" or spec.with_masks)
+        mask_cols = ("mask_logits", "mask_area", "mask_inter") if spec.with_masks else ()
+        cols = tuple(c for c in ROI_COLUMNS if not c.startswith("mask_") or c in mask_cols)
         for level in spec.levels:
             rs = split.load(level=level, columns=cols)
             everything = list(range(spec.num_images))
             assert len(rs) == counts.sum()
             assert rs.features.dtype == torch.float16
             assert np.array_equal(rs.features.numpy().view(np.uint16), _expected(inputs, spec.name, everything, f"feat/{level}").view(np.uint16))
-            for col in ("boxes", "objectness", "is_gt", "logits", "reg_boxes") + (("mask_logits",) if spec.with_masks else ()):
+            for col in ("boxes", "objectness", "is_gt", "logits", "reg_boxes") + mask_cols:
                 assert np.array_equal(getattr(rs, col).numpy(), _expected(inputs, spec.name, everything, f"rois/{col}")), col
             assert rs.labels.dtype == torch.int64 and rs.gt_index.dtype == torch.int64
             assert np.array_equal(rs.labels.numpy(), _expected(inputs, spec.name, everything, "rois/labels"))

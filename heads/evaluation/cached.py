@@ -19,7 +19,7 @@ from lvis import LVIS
 from cache_schema.errors import ConfigError, SchemaError
 from cache_schema.records import ClassInfo, RoiSet
 from heads.combine import CombineConfig, get_rule
-from heads.evaluation.detections import assemble_detections
+from heads.evaluation.detections import Detections, assemble_detection_arrays, to_results
 from heads.evaluation.lvis_eval import evaluate_lvis
 from heads.evaluation.metrics import BinSpec, Metrics
 
@@ -58,6 +58,43 @@ def _iterate(n: int, progress: bool, label: str) -> Iterable[int]:
     return track(range(n), description=label, total=n, transient=True)
 
 
+def detect_cached_arrays(
+    *,
+    roiset: RoiSet,
+    class_info: ClassInfo,
+    cal_probs: torch.Tensor | None,
+    combine: str,
+    config: CombineConfig,
+    image_ids: np.ndarray,
+    image_sizes: np.ndarray,
+    score_thresh: float = 0.0,
+    nms_iou: float = 0.5,
+    max_dets: int = 300,
+    progress: bool = True,
+) -> list[Detections]:
+    """Each image's :class:`Detections` (``roi_index`` relative to the image's rows)."""
+    _check(roiset, class_info, cal_probs, image_ids, image_sizes)
+    rule = get_rule(combine)
+    # Softmax once over all rows (vectorised); combination is per image because sel-scale's
+    # background means are per image, as in per-image detector inference.
+    p_orig = torch.softmax(roiset.logits.float(), dim=1)
+    # The calibrated head gives probabilities (softmax or Gumbel, see heads.models.head_scores).
+    p_cal = cal_probs.float().to(p_orig.device) if cal_probs is not None else None
+    counts = torch.as_tensor(class_info.instance_count, dtype=torch.int64)
+    positions = roiset.images.cpu().numpy()
+    out = []
+    for j in _iterate(roiset.num_images, progress, f"detect ({combine})"):
+        rows = roiset.rows_of(j)
+        streams = rule(p_orig=p_orig[rows], p_cal=p_cal[rows] if p_cal is not None else None,
+                       instance_count=counts, config=config)
+        h, w = (int(v) for v in image_sizes[positions[j]])
+        out.append(assemble_detection_arrays(
+            scores=streams if len(streams) > 1 else streams[0], boxes=roiset.reg_boxes[rows], image_size=(h, w),
+            score_thresh=score_thresh, nms_iou=nms_iou, max_dets=max_dets,
+        ))
+    return out
+
+
 def detect_cached(
     *,
     roiset: RoiSet,
@@ -72,33 +109,18 @@ def detect_cached(
     max_dets: int = 300,
     progress: bool = True,
 ) -> list[dict]:
-    """LVIS-format detections of every image of ``roiset`` (see :func:`evaluate_cached`)."""
-    _check(roiset, class_info, cal_probs, image_ids, image_sizes)
-    rule = get_rule(combine)
-    # Softmax once over all rows (vectorised); combination is per image because sel-scale's
-    # background means are per image, as in per-image detector inference.
-    p_orig = torch.softmax(roiset.logits.float(), dim=1)
-    # The calibrated head gives probabilities (softmax or Gumbel, see heads.models.head_scores).
-    p_cal = cal_probs.float().to(p_orig.device) if cal_probs is not None else None
-    counts = torch.as_tensor(class_info.instance_count, dtype=torch.int64)
+    """LVIS-format detections of every image of ``roiset`` (see :func:`evaluate_cached`); with
+    masks (RLE) when the RoiSet has ``mask_logits``."""
+    dets = detect_cached_arrays(roiset=roiset, class_info=class_info, cal_probs=cal_probs, combine=combine,
+                                config=config, image_ids=image_ids, image_sizes=image_sizes, score_thresh=score_thresh,
+                                nms_iou=nms_iou, max_dets=max_dets, progress=progress)
     positions = roiset.images.cpu().numpy()
     results: list[dict] = []
-    for j in _iterate(roiset.num_images, progress, f"detect ({combine})"):
+    for j, d in enumerate(dets):
         rows = roiset.rows_of(j)
-        streams = rule(p_orig=p_orig[rows], p_cal=p_cal[rows] if p_cal is not None else None,
-                       instance_count=counts, config=config)
-        h, w = (int(v) for v in image_sizes[positions[j]])
-        results += assemble_detections(
-            scores=streams if len(streams) > 1 else streams[0],
-            boxes=roiset.reg_boxes[rows],
-            mask_logits=roiset.mask_logits[rows] if roiset.mask_logits is not None else None,
-            image_size=(h, w),
-            image_id=int(image_ids[positions[j]]),
-            category_ids=class_info.category_ids,
-            score_thresh=score_thresh,
-            nms_iou=nms_iou,
-            max_dets=max_dets,
-        )
+        results += to_results(dets=d, image_id=int(image_ids[positions[j]]), category_ids=class_info.category_ids,
+                              mask_logits=roiset.mask_logits[rows] if roiset.mask_logits is not None else None,
+                              image_size=tuple(int(v) for v in image_sizes[positions[j]]))
     return results
 
 

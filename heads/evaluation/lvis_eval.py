@@ -14,19 +14,18 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 from lvis import LVIS, LVISEval
 
 from cache_schema.errors import ConfigError, DatasetError
 from cache_schema.runtime import available_cores
 from heads.evaluation.compat import IOU_TYPES, fields_for, make_results, result_key, patch_lvis_numpy, quiet_lvis
 from heads.evaluation.metrics import (
-    SUMMARY_KEYS,
     BinSpec,
     IouMetrics,
     Metrics,
     format_table,
     read_metrics,
+    summarize_precision,
     write_metrics,
     write_results,
 )
@@ -88,33 +87,12 @@ def _check_results(gt: LVIS, results: list[dict]) -> None:
             )
 
 
-def _per_category(ev: LVISEval) -> np.ndarray:
-    """float64 ``[K]``: AP of each of ``ev.params.cat_ids`` (area "all"), ``-1`` without gt."""
-    prec = ev.eval["precision"][:, :, :, 0]  # [iou thresholds, recall thresholds, K]
-    valid = prec > -1
-    total = np.where(valid, prec, 0.0).sum(axis=(0, 1))
-    n = valid.sum(axis=(0, 1))
-    return np.where(n > 0, total / np.maximum(n, 1), -1.0)
-
-
-def _group_ap(ev: LVISEval, members: np.ndarray) -> float:
-    """LVISEval._summarize('ap', freq_group_idx=...) for an arbitrary category subset."""
-    s = ev.eval["precision"][:, :, members, 0]
-    return float(np.mean(s[s > -1])) if np.any(s > -1) else -1.0
-
-
 def _summarize(ev: LVISEval, gt: LVIS, bins: BinSpec, num_detections: int) -> IouMetrics:
-    summary = {k: float(ev.results[k]) for k in SUMMARY_KEYS}
     cat_ids = list(ev.params.cat_ids)
-    counts = np.array([gt.cats[c]["instance_count"] for c in cat_ids], dtype=np.int64)
-    which = bins.assign(counts)
-    for i, name in enumerate(bins.names):
-        summary[name] = _group_ap(ev, np.flatnonzero(which == i))
-    per_cat = _per_category(ev)
-    return IouMetrics(
-        summary=summary,
-        per_category={int(c): float(a) for c, a in zip(cat_ids, per_cat)},
-        num_detections=num_detections,
+    return summarize_precision(
+        ev.eval["precision"], iou_thrs=ev.params.iou_thrs, area_labels=ev.params.area_rng_lbl, cat_ids=cat_ids,
+        frequency=[gt.cats[c]["frequency"] for c in cat_ids],
+        instance_count=[gt.cats[c]["instance_count"] for c in cat_ids], bins=bins, num_detections=num_detections,
     )
 
 

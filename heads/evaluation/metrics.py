@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,6 +163,61 @@ class Metrics:
             max_dets=int(d["max_dets"]),
             notes=tuple(d.get("notes", ())),
         )
+
+
+def _mean_valid(s: np.ndarray) -> float:
+    """LVISEval._summarize's reduction: the mean of the entries > -1, or -1 when there are none."""
+    valid = s[s > -1]
+    return float(np.mean(valid)) if len(valid) else -1.0
+
+
+def summarize_precision(
+    precision: np.ndarray,
+    *,
+    iou_thrs: np.ndarray,
+    area_labels: Sequence[str],
+    cat_ids: Sequence[int],
+    frequency: Sequence[str],
+    instance_count: Sequence[int],
+    bins: BinSpec,
+    num_detections: int,
+) -> IouMetrics:
+    """:class:`IouMetrics` from LVISEval's accumulated precision.
+
+    Args:
+        precision: float64 ``[T, R, K, A]`` (IoU thresholds, recall thresholds, categories, area
+            ranges), ``-1`` where a category has no ground truth.
+        iou_thrs: the ``T`` IoU thresholds; area_labels: the ``A`` area-range names ("all" first).
+        cat_ids, frequency ("r"/"c"/"f"), instance_count: per category, in ``precision``'s order.
+    The summary keys use LVISEval._summarize's own indexing and reduction, so the values are
+    bit-identical to ``LVISEval.results`` for the same precision array (tested).
+    """
+    def area(label: str) -> list[int]:
+        return [i for i, a in enumerate(area_labels) if a == label]
+
+    def at_iou(thr: float) -> np.ndarray:
+        return precision[np.where(thr == iou_thrs)[0]]
+
+    groups = {g: [i for i, f in enumerate(frequency) if f == g] for g in ("r", "c", "f")}
+    summary = {
+        "AP": _mean_valid(precision[:, :, :, area("all")]),
+        "AP50": _mean_valid(at_iou(0.50)[:, :, :, area("all")]),
+        "AP75": _mean_valid(at_iou(0.75)[:, :, :, area("all")]),
+        "APs": _mean_valid(precision[:, :, :, area("small")]),
+        "APm": _mean_valid(precision[:, :, :, area("medium")]),
+        "APl": _mean_valid(precision[:, :, :, area("large")]),
+        **{f"AP{g}": _mean_valid(precision[:, :, groups[g], area("all")]) for g in ("r", "c", "f")},
+    }
+    which = bins.assign(np.asarray(instance_count, dtype=np.int64))
+    for i, name in enumerate(bins.names):
+        summary[name] = _mean_valid(precision[:, :, np.flatnonzero(which == i), 0])
+    prec = precision[:, :, :, 0]
+    valid = prec > -1
+    total = np.where(valid, prec, 0.0).sum(axis=(0, 1))
+    n = valid.sum(axis=(0, 1))
+    per_cat = np.where(n > 0, total / np.maximum(n, 1), -1.0)
+    return IouMetrics(summary=summary, per_category={int(c): float(a) for c, a in zip(cat_ids, per_cat)},
+                      num_detections=num_detections)
 
 
 def _pct(x: float | None) -> str:
