@@ -122,8 +122,13 @@ def load_head_for(store: Store, head_path: Path) -> LoadedHead:
 
 @torch.inference_mode()
 def score_rois(loaded: LoadedHead, features: torch.Tensor, *, device: torch.device,
-               batch: int = 8192) -> torch.Tensor:
-    """Class probabilities ``[N, C+1]`` float32 (background last) of ``features`` under the head."""
+               batch: int | None = None) -> torch.Tensor:
+    """Class probabilities ``[N, C+1]`` float32 (background last) of ``features`` under the head.
+
+    ``batch`` rows at a time (default 1024 on CPU, where a float16 batch converted to float32 then
+    stays in cache: 1.4x faster than 8192 rows, same values; 8192 elsewhere).
+    """
+    batch = batch or (1024 if device.type == "cpu" else 8192)
     head = loaded.head.to(device).eval()
     out = [head_scores(loaded.spec, head(features[i:i + batch].to(device).float())).cpu()
            for i in range(0, features.shape[0], batch)]

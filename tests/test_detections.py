@@ -115,6 +115,61 @@ def test_mask_overlaps_give_the_iou_of_the_pasted_rles():
     assert inter.max() > 0 and np.array_equal(ours, mask_utils.iou(rles, gt, [0] * len(gt)))  # exact, not close
 
 
+@pytest.mark.parametrize("iou", [0.3, 0.5, 0.7])
+def test_shared_iou_nms_equals_torchvision_nms_per_class(iou):
+    from torchvision.ops import nms
+
+    from heads.evaluation.nms import per_class_nms
+
+    g = torch.Generator().manual_seed(int(iou * 10))
+    for _ in range(20):
+        r, n = 80, 600
+        centre = torch.rand(6, 2, generator=g) * 60
+        xy = centre[torch.randint(0, 6, (r,), generator=g)] + torch.rand(r, 2, generator=g) * 6
+        boxes = torch.cat([xy, xy + 15 + torch.rand(r, 2, generator=g) * 6], 1)
+        boxes[::7] = boxes[1::7][: boxes[::7].shape[0]]  # exact duplicates: IoU 1
+        rois = torch.randint(0, r, (n,), generator=g)
+        labels = torch.randint(0, 5, (n,), generator=g)
+        scores = torch.round(torch.rand(n, generator=g) * 20) / 20  # many exact ties
+        keep = torch.zeros(n, dtype=torch.bool)
+        for c in labels.unique():
+            members = torch.nonzero(labels == c).squeeze(1)
+            keep[members[nms(boxes[rois[members]], scores[members], iou)]] = True
+        ref = torch.nonzero(keep).squeeze(1)
+        ref = ref[scores[ref].sort(descending=True)[1]]
+        ours = per_class_nms(boxes[rois], scores, labels, iou)
+        assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.3, 0.65, 0.1 + 0.2])
+def test_float32_threshold_compares_like_torchvision_double(threshold):
+    import numpy as np
+
+    from heads.evaluation.nms import float32_below
+
+    t = np.float32(threshold)
+    near = np.array([np.nextafter(t, np.float32(-1)), t, np.nextafter(t, np.float32(2))], dtype=np.float32)
+    values = np.concatenate([near, np.random.default_rng(0).random(1000, dtype=np.float32)])
+    assert np.array_equal(values > np.float32(float32_below(threshold)), values.astype(np.float64) > threshold)
+
+
+def test_many_images_at_once_equal_one_by_one():
+    from heads.evaluation.detections import select_detections_many
+
+    cases = [random_case(seed, r=r, c=20, clustered=cl) for seed, r, cl in
+             [(10, 300, False), (11, 40, False), (12, 300, True), (13, 150, False), (14, 5, False)]]
+    sizes = [(H, W), (H - 7, W), (H, W - 11), (H, W), (H, W)]
+    scores = [torch.softmax(logits, -1)[:, 1:] for _, _, logits in cases]
+    boxes = [p + d * 5 for p, d, _ in cases]
+    for max_dets in (300, 40):
+        many = select_detections_many(scores=scores, boxes=boxes, image_sizes=sizes, max_dets=max_dets, stream=1)
+        for s, b, size, got in zip(scores, boxes, sizes, many):
+            one = select_detections(scores=s, boxes=b, image_size=size, max_dets=max_dets, stream=1)
+            for f in ("roi_index", "labels", "scores", "boxes", "stream"):
+                assert torch.equal(getattr(got, f), getattr(one, f)), f
+        assert len(many[1]) == min(max_dets, 40 * 20 - 3 * 20) and len(many[0]) == max_dets  # both NMS paths ran
+
+
 def test_zero_scores_dropped_like_torchvision():
     scores = torch.tensor([[0.0, 0.4], [0.0, 0.0]])
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])

@@ -19,7 +19,7 @@ from lvis import LVIS
 from cache_schema.errors import ConfigError, SchemaError
 from cache_schema.records import ClassInfo, RoiSet
 from heads.combine import CombineConfig, get_rule
-from heads.evaluation.detections import Detections, assemble_detection_arrays, to_results
+from heads.evaluation.detections import Detections, merge_det, select_detections_many, to_results
 from heads.evaluation.lvis_eval import evaluate_lvis
 from heads.evaluation.metrics import BinSpec, Metrics
 
@@ -50,12 +50,17 @@ def _check(roiset: RoiSet, class_info: ClassInfo, cal_probs: torch.Tensor | None
         raise ConfigError(f"image_sizes has shape {np.asarray(image_sizes).shape}; expected [num_images, 2] (height, width)")
 
 
-def _iterate(n: int, progress: bool, label: str) -> Iterable[int]:
+#: Images per block of detection assembly (bounds the padded [B, R, C] score arrays).
+DETECT_BLOCK = 32
+
+
+def _iterate_blocks(n: int, progress: bool, label: str) -> Iterable[int]:
+    starts = range(0, n, DETECT_BLOCK)
     if not progress:
-        return range(n)
+        return starts
     from rich.progress import track  # only when asked: keeps import-time light for tests
 
-    return track(range(n), description=label, total=n, transient=True)
+    return track(starts, description=label, total=len(starts), transient=True)
 
 
 def detect_cached_arrays(
@@ -82,16 +87,21 @@ def detect_cached_arrays(
     p_cal = cal_probs.float().to(p_orig.device) if cal_probs is not None else None
     counts = torch.as_tensor(class_info.instance_count, dtype=torch.int64)
     positions = roiset.images.cpu().numpy()
-    out = []
-    for j in _iterate(roiset.num_images, progress, f"detect ({combine})"):
-        rows = roiset.rows_of(j)
-        streams = rule(p_orig=p_orig[rows], p_cal=p_cal[rows] if p_cal is not None else None,
-                       instance_count=counts, config=config)
-        h, w = (int(v) for v in image_sizes[positions[j]])
-        out.append(assemble_detection_arrays(
-            scores=streams if len(streams) > 1 else streams[0], boxes=roiset.reg_boxes[rows], image_size=(h, w),
-            score_thresh=score_thresh, nms_iou=nms_iou, max_dets=max_dets,
-        ))
+    out: list[Detections] = []
+    # Images go through detection assembly in blocks: the NMS works on whole blocks at once.
+    for start in _iterate_blocks(roiset.num_images, progress, f"detect ({combine})"):
+        js = range(start, min(start + DETECT_BLOCK, roiset.num_images))
+        streams = [rule(p_orig=p_orig[roiset.rows_of(j)], p_cal=p_cal[roiset.rows_of(j)] if p_cal is not None else None,
+                        instance_count=counts, config=config) for j in js]
+        boxes = [roiset.reg_boxes[roiset.rows_of(j)] for j in js]
+        sizes = [tuple(int(v) for v in image_sizes[positions[j]]) for j in js]
+        per_stream = [select_detections_many(scores=[s[i] for s in streams], boxes=boxes, image_sizes=sizes,
+                                             score_thresh=score_thresh, nms_iou=nms_iou, max_dets=max_dets, stream=i)
+                      for i in range(len(streams[0]))]
+        if len(per_stream) == 1:
+            out += per_stream[0]
+        else:  # the det rule: each stream detected alone, then merged per image
+            out += [merge_det(dets=list(sets), nms_iou=nms_iou, max_dets=max_dets) for sets in zip(*per_stream)]
     return out
 
 

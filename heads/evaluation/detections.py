@@ -4,8 +4,9 @@ Mirrors torchvision's ``RoIHeads.postprocess_detections`` for class-agnostic box
 clip boxes to the image; every (RoI, class) pair with score ``> score_thresh`` is a candidate
 (strictly greater, so with the default 0.0 zero scores are dropped, exactly as torchvision does);
 RoIs whose box is narrower or lower than 1e-2 px are removed; per-class NMS
-(``torchvision.ops.batched_nms``, with an exact shortcut for many candidates, see ``_nms_top``);
-the ``max_dets`` highest scores are kept. Candidates are ordered RoI-major, class-minor, as in
+(``torchvision.ops.batched_nms``, or for many candidates an exact equivalent over the best ones,
+:mod:`heads.evaluation.nms`); the ``max_dets`` highest scores are kept. Cached evaluation
+assembles blocks of images at once (:func:`select_detections_many`, same result per image). Candidates are ordered RoI-major, class-minor, as in
 torchvision; results are identical to it (tested) except possibly among exactly equal scores.
 
 Masks are class-agnostic: each kept RoI's mask is pasted ONCE (sigmoid, pasted into the box at
@@ -22,19 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms, boxes as box_ops, nms
+from torchvision.ops import boxes as box_ops
 
 from cache_schema.errors import ConfigError
 from heads.evaluation.masks import paste_and_encode, paste_roi_masks
+from heads.evaluation.nms import goes_per_class, nms_top, nms_top_many
 
 MIN_BOX_SIZE = 1e-2  # torchvision's remove_small_boxes threshold in postprocess_detections
-
-
-def _batched_nms_goes_per_class(boxes: torch.Tensor) -> bool:
-    """Whether torchvision 0.29's batched_nms would run one NMS per class (more than 4000 box
-    coordinates on CPU, 20000 elsewhere) rather than one NMS over class-offset boxes; the two
-    round IoUs differently, so mirroring its choice keeps results bit-identical."""
-    return boxes.numel() > (4000 if boxes.device.type == "cpu" else 20000)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,40 +79,62 @@ def _check_settings(nms_iou: float, max_dets: int) -> None:
         raise ConfigError(f"max_dets={max_dets} must be >= 1; LVIS uses 300")
 
 
-def _per_class_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:
-    """Greedy NMS run separately in each class; kept indices by descending score."""
-    keep = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
-    order = torch.argsort(labels, stable=True)
-    counts = torch.unique_consecutive(labels[order], return_counts=True)[1]
-    for members in torch.split(order, counts.tolist()):
-        if members.shape[0] == 1:
-            keep[members] = True  # a lone candidate of its class always survives
-        else:
-            keep[members[nms(boxes[members], scores[members], iou)]] = True
-    kept = torch.nonzero(keep).squeeze(1)
-    return kept[scores[kept].sort(descending=True)[1]]
+def _padded(tensors: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence([t.float().reshape(t.shape[0], width) for t in tensors], batch_first=True)
 
 
-def _nms_top(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float, max_dets: int) -> torch.Tensor:
-    """Indices of the ``max_dets`` best detections left by per-class NMS, by descending score.
+def select_detections_many(
+    *,
+    scores: Sequence[torch.Tensor],
+    boxes: Sequence[torch.Tensor],
+    image_sizes: Sequence[tuple[int, int]],
+    score_thresh: float = 0.0,
+    nms_iou: float = 0.5,
+    max_dets: int = 300,
+    stream: int = 0,
+) -> list[Detections]:
+    """:func:`select_detections` of several images at once (one score stream each): the same
+    detections, with the per-image work done on padded ``[B, R, C]`` arrays."""
+    if len(scores) != len(boxes) or len(scores) != len(image_sizes):
+        raise ConfigError("select_detections_many: scores, boxes and image_sizes differ in length")
+    for s, b, size in zip(scores, boxes, image_sizes):
+        _check_inputs(s, b, size)
+    _check_settings(nms_iou, max_dets)
+    if not scores:
+        return []
+    c = scores[0].shape[1]
+    if any(s.shape[1] != c for s in scores):
+        raise ConfigError("select_detections_many: every image needs the same number of classes")
+    counts = torch.tensor([s.shape[0] for s in scores])
+    s_pad, b_pad = _padded(scores, c), _padded(boxes, 4).reshape(len(scores), -1, 4)
+    # torchvision's clip_boxes_to_image (clamp to [0, width] / [0, height]) and remove_small_boxes.
+    hw = torch.tensor([[int(v) for v in size] for size in image_sizes], dtype=torch.float32)
+    x = torch.minimum(b_pad[..., 0::2].clamp(min=0), hw[:, None, None, 1])
+    y = torch.minimum(b_pad[..., 1::2].clamp(min=0), hw[:, None, None, 0])
+    b_pad = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+    exists = torch.arange(b_pad.shape[1])[None, :] < counts[:, None]
+    roi_ok = exists & (x[..., 1] - x[..., 0] >= MIN_BOX_SIZE) & (y[..., 1] - y[..., 0] >= MIN_BOX_SIZE)
+    valid = (s_pad > score_thresh) & roi_ok[..., None]  # strictly greater, as torchvision
+    n_valid = valid.sum(dim=(1, 2))
+    out: list[Detections | None] = [None] * len(scores)
+    many = torch.tensor([goes_per_class(torch.empty(4 * int(n), device=b_pad.device)) for n in n_valid.tolist()])
+    for q in torch.nonzero(~many).squeeze(1).tolist():  # few candidates: one batched_nms, as torchvision
+        rois, classes = torch.nonzero(valid[q], as_tuple=True)  # row-major: RoI, then class
+        keep = nms_top(b_pad[q, rois], s_pad[q, rois, classes], classes, nms_iou, max_dets)
+        out[q] = _detections(b_pad[q], s_pad[q], rois[keep], classes[keep], stream)
+    idx = torch.nonzero(many).squeeze(1)
+    if idx.numel():
+        flat = torch.where(valid[idx], s_pad[idx], torch.tensor(float("-inf"))).reshape(idx.shape[0], -1)
+        kept = nms_top_many(flat, b_pad[idx], c, n_valid[idx], nms_iou, max_dets)
+        for q, f in zip(idx.tolist(), kept):
+            out[q] = _detections(b_pad[q], s_pad[q], f // c, f % c, stream)
+    return out  # type: ignore[return-value]
 
-    Same result as ``batched_nms(boxes, scores, labels + 1, iou)[:max_dets]`` (the ``+ 1`` is
-    torchvision's label numbering, which its class-offset trick depends on), but faster for the
-    tens of thousands of candidates a 0.0 score threshold leaves: a candidate's fate in greedy
-    NMS depends only on higher-scoring candidates of its class, so NMS over the ``k`` best
-    candidates decides those exactly; once ``max_dets`` of them survive, nothing outside them can
-    enter the top ``max_dets`` (up to exact score ties at the cut), else ``k`` grows.
-    """
-    n = scores.shape[0]
-    if not _batched_nms_goes_per_class(boxes):
-        return batched_nms(boxes, scores, labels + 1, iou)[:max_dets]
-    k = min(n, 4 * max_dets)
-    while True:
-        top = torch.topk(scores, k, sorted=True).indices
-        kept = top[_per_class_nms(boxes[top], scores[top], labels[top], iou)]
-        if kept.shape[0] >= max_dets or k == n:
-            return kept[:max_dets]
-        k = min(n, 4 * k)
+
+def _detections(boxes: torch.Tensor, scores: torch.Tensor, rois: torch.Tensor, classes: torch.Tensor,
+                stream: int) -> Detections:
+    return Detections(roi_index=rois, labels=classes, scores=scores[rois, classes], boxes=boxes[rois],
+                      stream=torch.full((rois.shape[0],), stream, dtype=torch.int64))
 
 
 def select_detections(
@@ -132,18 +149,8 @@ def select_detections(
 ) -> Detections:
     """Detections of one score stream: ``scores`` float ``[R, C]``, ``boxes`` float ``[R, 4]``
     xyxy class-agnostic regressed boxes (see module doc for the exact rule)."""
-    _check_inputs(scores, boxes, image_size)
-    _check_settings(nms_iou, max_dets)
-    boxes = box_ops.clip_boxes_to_image(boxes.float(), (int(image_size[0]), int(image_size[1])))
-    scores = scores.float()
-    # Small-box removal depends only on the RoI (boxes are class-agnostic): do it per RoI.
-    roi_ok = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
-    roi_ok[box_ops.remove_small_boxes(boxes, min_size=MIN_BOX_SIZE)] = True
-    rois, classes = torch.nonzero((scores > score_thresh) & roi_ok[:, None], as_tuple=True)  # row-major
-    cand_boxes, cand_scores = boxes[rois], scores[rois, classes]
-    keep = _nms_top(cand_boxes, cand_scores, classes, nms_iou, max_dets)
-    return Detections(roi_index=rois[keep], labels=classes[keep], scores=cand_scores[keep], boxes=cand_boxes[keep],
-                      stream=torch.full((keep.shape[0],), stream, dtype=torch.int64, device=keep.device))
+    return select_detections_many(scores=[scores], boxes=[boxes], image_sizes=[image_size], score_thresh=score_thresh,
+                                  nms_iou=nms_iou, max_dets=max_dets, stream=stream)[0]
 
 
 def merge_det(*, dets: Sequence[Detections], nms_iou: float = 0.5, max_dets: int = 300) -> Detections:
@@ -153,7 +160,7 @@ def merge_det(*, dets: Sequence[Detections], nms_iou: float = 0.5, max_dets: int
         raise ConfigError("merge_det needs at least one detection set")
     _check_settings(nms_iou, max_dets)
     union = Detections(**{f: torch.cat([getattr(d, f) for d in dets]) for f in ("roi_index", "labels", "scores", "boxes", "stream")})
-    keep = _nms_top(union.boxes, union.scores, union.labels, nms_iou, max_dets)
+    keep = nms_top(union.boxes, union.scores, union.labels, nms_iou, max_dets)
     return union.take(keep)
 
 

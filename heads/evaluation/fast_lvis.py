@@ -183,23 +183,22 @@ def _match(ious: np.ndarray, det_group: np.ndarray, group_gt_ig: np.ndarray, thr
     return matched, to_ignored
 
 
-def _precision_of(m: np.ndarray, ig: np.ndarray, num_gt: np.ndarray, rec_thrs: np.ndarray) -> np.ndarray:
-    """float64 ``[A, T, R]`` precision of one category: ``m``, ``ig`` bool ``[n, A, T]`` in
-    descending-score order, ``num_gt`` ``[A]`` (> 0) not-ignored ground truth."""
-    n = m.shape[0]
-    tp = np.cumsum(np.moveaxis(m & ~ig, 0, -1), axis=-1).astype(np.float64)
-    fp = np.cumsum(np.moveaxis(~m & ~ig, 0, -1), axis=-1).astype(np.float64)
-    rc = tp / num_gt[:, None, None]
-    pr = tp / (fp + tp + np.spacing(1))
-    pr = np.maximum.accumulate(pr[..., ::-1], axis=-1)[..., ::-1]
-    out = np.zeros((*pr.shape[:2], len(rec_thrs)))
+def _precision_of(tp: np.ndarray, fp: np.ndarray, num_gt: np.ndarray, rec_thrs: np.ndarray) -> np.ndarray:
+    """float64 ``[A, T, R]`` precision of one category from its running TP / FP counts ``[A, T, n]``
+    (descending-score order) and ``num_gt`` ``[A]`` (> 0) not-ignored ground truth."""
+    n = tp.shape[-1]
+    out = np.zeros((*tp.shape[:2], len(rec_thrs)))
     if n == 0:
         return out
-    for i in np.ndindex(*pr.shape[:2]):
-        idx = np.searchsorted(rc[i], rec_thrs, side="left")
-        inside = idx < n
-        out[i][inside] = pr[i][idx[inside]]
-    return out
+    tp, fp = tp.astype(np.float64), fp.astype(np.float64)
+    rc = tp / num_gt[:, None, None]
+    pr = tp / (fp + tp + np.spacing(1))
+    pr = np.maximum.accumulate(pr[..., ::-1], axis=-1)[..., ::-1]  # LVISEval's right-to-left max
+    rows = rc.reshape(-1, n)
+    thr = torch.from_numpy(rec_thrs).expand(rows.shape[0], -1).contiguous()
+    idx = torch.searchsorted(torch.from_numpy(np.ascontiguousarray(rows)), thr, side="left").numpy()
+    vals = np.take_along_axis(pr.reshape(-1, n), np.minimum(idx, n - 1), axis=1)
+    return np.where(idx < n, vals, 0.0).reshape(out.shape)
 
 
 def evaluate_arrays(*, gt: GtArrays, dets: DetArrays, iou_type: str, max_dets: int = 300) -> Evaluated:
@@ -268,12 +267,20 @@ def evaluate_arrays(*, gt: GtArrays, dets: DetArrays, iou_type: str, max_dets: i
     present = np.zeros(kn, dtype=bool)
     present[cats] = True
     present[gt.cat[g_rows]] = True
-    seg = {int(c): acc[s:s + n] for c, s, n in zip(cats, c_start, c_count)}
-    empty = np.zeros(0, dtype=np.int64)
+    # Running TP / FP counts over all categories at once ([A, T, n] contiguous, accumulation
+    # order); a category's counts are its slice minus the count before it (exact integers).
+    m = np.ascontiguousarray(np.moveaxis(matched[acc], 0, -1))
+    ig = np.ascontiguousarray(np.moveaxis(ignored[acc], 0, -1))
+    tp_all = np.cumsum(m & ~ig, axis=-1, dtype=np.int32)
+    fp_all = np.cumsum(~m & ~ig, axis=-1, dtype=np.int32)
+    seg = {int(c): (int(st), int(n)) for c, st, n in zip(cats, c_start, c_count)}
     for k in np.flatnonzero(present & (num_gt > 0).any(axis=1)):
-        sel = seg.get(int(k), empty)
+        st, n = seg.get(int(k), (0, 0))
         areas = np.flatnonzero(num_gt[k] > 0)
-        prec = _precision_of(matched[sel][:, areas], ignored[sel][:, areas], num_gt[k, areas], params.rec_thrs)
+        tp, fp = tp_all[areas, :, st:st + n], fp_all[areas, :, st:st + n]
+        if st:
+            tp, fp = tp - tp_all[areas, :, st - 1:st], fp - fp_all[areas, :, st - 1:st]
+        prec = _precision_of(tp, fp, num_gt[k, areas], params.rec_thrs)
         precision[:, :, k, areas] = np.moveaxis(prec, 0, -1)  # [A', T, R] -> [T, R, A']
     del n_img
     return Evaluated(precision=precision, num_detections=int(len(kept)), params=params)
