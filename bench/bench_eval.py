@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-warmup", action="store_true", help="Skip the untimed first run of each pipeline.")
     ap.add_argument("--out", type=Path, default=C.BENCH_OUT / "bench_eval.md")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -165,7 +166,8 @@ def main() -> None:
         got["full"] = run.rows[a.combine]
 
     runs = {"cached": cached, "full": full} | ({"cached-api": cached_api} if a.limit is None else {})
-    t = C.interleave(runs, repeats=repeats, warmup=False)
+    warmup = not (a.no_warmup or a.quick)
+    t = C.interleave(runs, repeats=repeats, warmup=warmup)
     stages = breakdown(a.store, injected, head, a.combine, a.T, a.limit)
     n = store.split("val").num_images if a.limit is None else min(a.limit, store.split("val").num_images)
     ratio = t.median_ratio("full", "cached")
@@ -173,7 +175,8 @@ def main() -> None:
         "what": f"head {head} injected with combine={a.combine}, T={a.T:g}; {n} val images "
                 f"({'all' if a.limit is None else f'first {a.limit}'}); 1 torch thread; segm + bbox AP, max_dets 300; "
                 f"cached evaluator: {_evaluator_note(got['cached'])}",
-        "repeats": f"{repeats} interleaved (order rotated), no warm-up; {C.load_line(t)}"})
+        "repeats": f"{repeats} interleaved (order rotated), {'after one untimed run of each' if warmup else 'no warm-up'}; "
+                   f"{C.load_line(t)}"})
     body = C.table(["pipeline", "median wall", "per image"], [
         ["cached (`evaluate_from_store`)" if a.limit is None else "cached (its steps on the subset)",
          C.fmt_s(t.median("cached")), f"{1000 * t.median('cached') / n:.0f} ms"],

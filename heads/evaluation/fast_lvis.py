@@ -201,12 +201,35 @@ def _precision_of(tp: np.ndarray, fp: np.ndarray, num_gt: np.ndarray, rec_thrs: 
     return np.where(idx < n, vals, 0.0).reshape(out.shape)
 
 
+def _accumulate(precision: np.ndarray, *, matched: np.ndarray, ignored: np.ndarray, cats: np.ndarray,
+                num_gt: np.ndarray, present: np.ndarray, params: Params) -> None:
+    """Fill ``precision`` ``[T, R, K, A]`` from the detections' flags ``[A*T, n]`` (bool,
+    C-contiguous) and categories ``[n]`` in accumulation order (category, descending score,
+    image, result order); ``num_gt`` ``[K, A]`` not-ignored ground truth; ``present`` ``[K]``:
+    the category has detections or ground truth (LVISEval's non-empty ``E``)."""
+    a, t = len(params.area_rng), len(params.iou_thrs)
+    # Running TP / FP counts over all categories at once ([A, T, n]); a category's counts are its
+    # slice minus the count before it (exact integers).
+    tp_all = np.cumsum(matched & ~ignored, axis=1, dtype=np.int32).reshape(a, t, -1)
+    fp_all = np.cumsum(~matched & ~ignored, axis=1, dtype=np.int32).reshape(a, t, -1)
+    ids, starts, counts = np.unique(cats, return_index=True, return_counts=True)
+    seg = {int(c): (int(st), int(n)) for c, st, n in zip(ids, starts, counts)}
+    for k in np.flatnonzero(present & (num_gt > 0).any(axis=1)):
+        st, n = seg.get(int(k), (0, 0))
+        areas = np.flatnonzero(num_gt[k] > 0)
+        tp, fp = tp_all[areas, :, st:st + n], fp_all[areas, :, st:st + n]
+        if st:
+            tp, fp = tp - tp_all[areas, :, st - 1:st], fp - fp_all[areas, :, st - 1:st]
+        prec = _precision_of(tp, fp, num_gt[k, areas], params.rec_thrs)
+        precision[:, :, k, areas] = np.moveaxis(prec, 0, -1)  # [A', T, R] -> [T, R, A']
+
+
 def evaluate_arrays(*, gt: GtArrays, dets: DetArrays, iou_type: str, max_dets: int = 300) -> Evaluated:
     """LVISEval's ``evaluate`` + ``accumulate`` for ``iou_type`` (``segm`` or ``bbox``)."""
     params = Params(iou_type=iou_type)
     if iou_type == "segm" and (gt.mask_area is None or dets.mask_area is None or dets.mask_inter is None):
         raise ConfigError("segm evaluation from arrays needs mask areas and intersections; evaluate bbox or use the LVIS API")
-    kn, n_img = len(gt.cat_ids), len(gt.image_ids)
+    kn = len(gt.cat_ids)
     t, r, a = len(params.iou_thrs), len(params.rec_thrs), len(params.area_rng)
     precision = -np.ones((t, r, kn, a))
     # 1. results as LVISResults keeps them
@@ -253,34 +276,20 @@ def evaluate_arrays(*, gt: GtArrays, dets: DetArrays, iou_type: str, max_dets: i
     group_ig[gi_rows, :, gi_slots] = gt_ig_all[g_order[g_start[gi_rows] + gi_slots]]
     thrs = np.minimum(params.iou_thrs, IOU_CAP)
     m_match, m_ig = _match(ious, mg, group_ig, thrs)
-    matched = np.zeros((len(kept), a, t), dtype=bool)
-    to_ig = np.zeros((len(kept), a, t), dtype=bool)
-    matched[mrows], to_ig[mrows] = m_match, m_ig
-    out_of_range = (d_area[:, None] < lo) | (d_area[:, None] > hi)  # [D, A]
+    # Per-detection flags as [A*T, D] rows (area-major), the layout accumulation reads.
+    matched = np.zeros((a * t, len(kept)), dtype=bool)
+    to_ig = np.zeros((a * t, len(kept)), dtype=bool)
+    matched[:, mrows], to_ig[:, mrows] = m_match.reshape(-1, a * t).T, m_ig.reshape(-1, a * t).T
+    out_of_range = (d_area[None, :] < lo[:, None]) | (d_area[None, :] > hi[:, None])  # [A, D]
     not_exh = np.isin(d_key, gt.not_exhaustive)
-    ignored = to_ig | (~matched & (out_of_range | not_exh[:, None])[:, :, None])
+    ignored = to_ig | (~matched & np.repeat(out_of_range | not_exh[None, :], t, axis=0))
     # 5. accumulate per category over all images
     num_gt = np.zeros((kn, a), dtype=np.int64)
     np.add.at(num_gt, gt.cat[g_rows], ~gt_ig_all[g_rows])
     acc = rows[np.lexsort((kept[rows], d_img[rows], -score[rows], d_cat[rows]))]
-    cats, c_start, c_count = np.unique(d_cat[acc], return_index=True, return_counts=True)
     present = np.zeros(kn, dtype=bool)
-    present[cats] = True
+    present[d_cat[acc]] = True
     present[gt.cat[g_rows]] = True
-    # Running TP / FP counts over all categories at once ([A, T, n] contiguous, accumulation
-    # order); a category's counts are its slice minus the count before it (exact integers).
-    m = np.ascontiguousarray(np.moveaxis(matched[acc], 0, -1))
-    ig = np.ascontiguousarray(np.moveaxis(ignored[acc], 0, -1))
-    tp_all = np.cumsum(m & ~ig, axis=-1, dtype=np.int32)
-    fp_all = np.cumsum(~m & ~ig, axis=-1, dtype=np.int32)
-    seg = {int(c): (int(st), int(n)) for c, st, n in zip(cats, c_start, c_count)}
-    for k in np.flatnonzero(present & (num_gt > 0).any(axis=1)):
-        st, n = seg.get(int(k), (0, 0))
-        areas = np.flatnonzero(num_gt[k] > 0)
-        tp, fp = tp_all[areas, :, st:st + n], fp_all[areas, :, st:st + n]
-        if st:
-            tp, fp = tp - tp_all[areas, :, st - 1:st], fp - fp_all[areas, :, st - 1:st]
-        prec = _precision_of(tp, fp, num_gt[k, areas], params.rec_thrs)
-        precision[:, :, k, areas] = np.moveaxis(prec, 0, -1)  # [A', T, R] -> [T, R, A']
-    del n_img
+    _accumulate(precision, matched=np.take(matched, acc, axis=1), ignored=np.take(ignored, acc, axis=1),
+                cats=d_cat[acc], num_gt=num_gt, present=present, params=params)
     return Evaluated(precision=precision, num_detections=int(len(kept)), params=params)
