@@ -246,3 +246,17 @@ def test_cached_eval_sel_T0_is_orig_and_T_huge_is_cal_only(trained, tiny_store, 
 def test_cached_eval_unknown_combine_lists_schemes(trained, tiny_store):
     line = error_line(run_cli("eval", "--cache", tiny_store, "--head", trained, "--combine", "orig,bogus", "--quiet"))
     assert "bogus" in line and all(name in line for name in RULES)
+
+
+def test_cached_eval_unknown_evaluator_is_one_line(trained, tiny_store):
+    line = error_line(run_cli("eval", "--cache", tiny_store, "--head", trained, "--evaluator", "exact", "--quiet"))
+    assert "exact" in line and all(name in line for name in ("auto", "fast", "lvis-api"))
+
+
+def test_cached_eval_results_carry_boxes_and_the_evaluator_note(trained, tiny_store, tmp_path):
+    result = run_cli("eval", "--cache", tiny_store, "--head", trained, "--combine", "sel", "--out", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.output
+    results = _results(tmp_path / "results_sel.json")
+    assert results and all("bbox" in r and "segmentation" not in r for r in results)  # masks were never pasted
+    notes = json.loads((tmp_path / "metrics_sel.json").read_text())["notes"]
+    assert any(n.startswith("evaluator: fast") for n in notes)
