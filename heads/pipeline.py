@@ -19,9 +19,8 @@ from cache_schema.records import RoiSet
 from cache_schema.runtime import pick_device, sha256_file
 from heads.combine import RULES, CombineConfig
 from heads.config import TrainConfig
-from heads.evaluation import (BinSpec, LvisEvaluator, Metrics, detect_cached, evaluated_image_ids, load_gt, to_results,
+from heads.evaluation import (BinSpec, LvisEvaluator, Metrics, cached_results, detect_cached_arrays, load_gt,
                               write_metrics, write_results)
-from heads.evaluation.cached import detect_cached_arrays
 from heads.evaluation.fast_inputs import OverlapsUnavailable, det_arrays, evaluate_fast, gt_arrays, store_slots
 from heads.evaluation.fast_lvis import GtArrays
 from heads.models import head_scores, level_for_head, load_head
@@ -205,18 +204,19 @@ def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, .
     val = val_split_for_eval(store, level, overlaps=fast_gt is not None and split.mask_overlaps > 0)
     probs = score_rois(loaded, val.features, device=pick_device(device)) if loaded else None
     config = replace(combine_config or CombineConfig(), T=float(T))
-    args = dict(roiset=val, class_info=store.classes, cal_probs=probs, config=config, image_ids=split.image_ids,
-                image_sizes=split.image_sizes, progress=progress)
+    tables = dict(roiset=val, class_info=store.classes, image_ids=split.image_ids, image_sizes=split.image_sizes)
+    args = dict(tables, cal_probs=probs, config=config, progress=progress)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     if fast_gt is not None:
-        rows = {name: _evaluate_rule_fast(fast_gt, val, split, name, args, bins, note, out_dir) for name in combines}
+        rows = {name: _evaluate_rule_fast(fast_gt, detect_cached_arrays(combine=name, **args), tables, name, bins, note,
+                                          out_dir) for name in combines}
     else:
         # Each rule's LVIS evaluation runs in a worker process while the next rule's detections
         # are assembled here.
-        with LvisEvaluator(gt_json=gt_json, bins=bins, image_ids=evaluated_image_ids(val, split.image_ids)) as lvis:
+        with LvisEvaluator(gt_json=gt_json, bins=bins, image_ids=image_ids) as lvis:
             for name in combines:
-                results = detect_cached(combine=name, **args)
+                results = cached_results(dets=detect_cached_arrays(combine=name, **args), **tables)
                 lvis.submit(name, results)
                 if out_dir is not None:
                     write_results(out_dir / f"results_{name}.json", results)
@@ -235,17 +235,15 @@ def evaluated_image_ids_of(split) -> list[int]:
     return [int(split.image_ids[p]) for p in sel]
 
 
-def _evaluate_rule_fast(gt: GtArrays, val: RoiSet, split, name: str, args: dict, bins: BinSpec | None, note: str,
+def _evaluate_rule_fast(gt: GtArrays, dets: list, tables: dict, name: str, bins: BinSpec | None, note: str,
                         out_dir: Path | None) -> Metrics:
-    dets = detect_cached_arrays(combine=name, **args)
-    positions = val.images.numpy()
-    image_ids = [int(split.image_ids[p]) for p in positions]
-    arrays = det_arrays(dets=dets, image_ids=image_ids, category_ids=args["class_info"].category_ids,
+    """One rule's detections (``dets``, per image of ``tables["roiset"]``) by the array evaluator."""
+    val, classes = tables["roiset"], tables["class_info"]
+    image_ids = [int(tables["image_ids"][p]) for p in val.images.numpy()]
+    arrays = det_arrays(dets=dets, image_ids=image_ids, category_ids=classes.category_ids,
                         row_offsets=val.image_offsets[:-1].tolist(), mask_area=val.mask_area, mask_inter=val.mask_inter)
     iou_types = ("segm", "bbox") if val.mask_inter is not None else ("bbox",)
     notes = (note,) if iou_types == ("segm", "bbox") else (note, "segm not evaluated: the store keeps no masks")
-    if out_dir is not None:  # boxes only: the masks were never pasted
-        results = [r for j, d in enumerate(dets)
-                   for r in to_results(dets=d, image_id=image_ids[j], category_ids=args["class_info"].category_ids)]
-        write_results(out_dir / f"results_{name}.json", results)
+    if out_dir is not None:  # boxes only: this RoiSet has no mask logits, the masks are never pasted
+        write_results(out_dir / f"results_{name}.json", cached_results(dets=dets, **tables))
     return evaluate_fast(gt=gt, dets=arrays, iou_types=iou_types, bins=bins, notes=notes)

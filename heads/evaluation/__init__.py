@@ -5,7 +5,7 @@ Modules: ``compat`` (lvis 0.5.3 fixes), ``metrics`` (BinSpec, Metrics, tables, f
 ``cached`` (evaluate heads from the cache alone).
 """
 
-from heads.evaluation.cached import detect_cached, evaluate_cached, evaluated_image_ids
+from heads.evaluation.cached import cached_results, detect_cached_arrays, evaluate_cached, evaluated_image_ids
 from heads.evaluation.compat import patch_lvis_numpy
 from heads.evaluation.detections import (
     Detections,
@@ -36,7 +36,8 @@ __all__ = [
     "Metrics",
     "assemble_detection_arrays",
     "assemble_detections",
-    "detect_cached",
+    "cached_results",
+    "detect_cached_arrays",
     "encode_masks",
     "evaluate_cached",
     "evaluate_lvis",

@@ -105,25 +105,10 @@ def detect_cached_arrays(
     return out
 
 
-def detect_cached(
-    *,
-    roiset: RoiSet,
-    class_info: ClassInfo,
-    cal_probs: torch.Tensor | None,
-    combine: str,
-    config: CombineConfig,
-    image_ids: np.ndarray,
-    image_sizes: np.ndarray,
-    score_thresh: float = 0.0,
-    nms_iou: float = 0.5,
-    max_dets: int = 300,
-    progress: bool = True,
-) -> list[dict]:
-    """LVIS-format detections of every image of ``roiset`` (see :func:`evaluate_cached`); with
-    masks (RLE) when the RoiSet has ``mask_logits``."""
-    dets = detect_cached_arrays(roiset=roiset, class_info=class_info, cal_probs=cal_probs, combine=combine,
-                                config=config, image_ids=image_ids, image_sizes=image_sizes, score_thresh=score_thresh,
-                                nms_iou=nms_iou, max_dets=max_dets, progress=progress)
+def cached_results(*, dets: list[Detections], roiset: RoiSet, class_info: ClassInfo, image_ids: np.ndarray,
+                   image_sizes: np.ndarray) -> list[dict]:
+    """LVIS-format results of :func:`detect_cached_arrays`' detections; with masks (RLE, each
+    RoI pasted once) when the RoiSet has ``mask_logits``, else boxes only."""
     positions = roiset.images.cpu().numpy()
     results: list[dict] = []
     for j, d in enumerate(dets):
@@ -174,9 +159,11 @@ def evaluate_cached(
         (LVIS results list, :class:`Metrics` over exactly the RoiSet's images).
     """
     cfg = replace(config or CombineConfig(), T=float(T))
-    results = detect_cached(roiset=roiset, class_info=class_info, cal_probs=cal_probs, combine=combine, config=cfg,
-                            image_ids=image_ids, image_sizes=image_sizes, score_thresh=score_thresh, nms_iou=nms_iou,
-                            max_dets=max_dets, progress=progress)
+    dets = detect_cached_arrays(roiset=roiset, class_info=class_info, cal_probs=cal_probs, combine=combine, config=cfg,
+                                image_ids=image_ids, image_sizes=image_sizes, score_thresh=score_thresh, nms_iou=nms_iou,
+                                max_dets=max_dets, progress=progress)
+    results = cached_results(dets=dets, roiset=roiset, class_info=class_info, image_ids=image_ids,
+                             image_sizes=image_sizes)
     metrics = evaluate_lvis(gt_json=gt_json, results=results, iou_types=iou_types, bins=bins, max_dets=max_dets,
                             image_ids=evaluated_image_ids(roiset, image_ids))
     return results, metrics

@@ -117,7 +117,7 @@ def select_detections_many(
     valid = (s_pad > score_thresh) & roi_ok[..., None]  # strictly greater, as torchvision
     n_valid = valid.sum(dim=(1, 2))
     out: list[Detections | None] = [None] * len(scores)
-    many = torch.tensor([goes_per_class(torch.empty(4 * int(n), device=b_pad.device)) for n in n_valid.tolist()])
+    many = torch.tensor([goes_per_class(n, b_pad.device) for n in n_valid.tolist()], dtype=torch.bool)
     for q in torch.nonzero(~many).squeeze(1).tolist():  # few candidates: one batched_nms, as torchvision
         rois, classes = torch.nonzero(valid[q], as_tuple=True)  # row-major: RoI, then class
         keep = nms_top(b_pad[q, rois], s_pad[q, rois, classes], classes, nms_iou, max_dets)

@@ -15,11 +15,11 @@ import torch
 from torchvision.ops import batched_nms
 
 
-def goes_per_class(boxes: torch.Tensor) -> bool:
+def goes_per_class(num_boxes: int, device: torch.device) -> bool:
     """Whether torchvision 0.29's batched_nms would run one NMS per class (more than 4000 box
     coordinates on CPU, 20000 elsewhere) rather than one NMS over class-offset boxes; the two
     round IoUs differently, so mirroring its choice keeps results bit-identical."""
-    return boxes.numel() > (4000 if boxes.device.type == "cpu" else 20000)
+    return 4 * num_boxes > (4000 if device.type == "cpu" else 20000)
 
 
 def float32_below(x: float) -> float:
@@ -87,7 +87,7 @@ def nms_top(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou
     enter the top ``max_dets`` (up to exact score ties at the cut), else ``k`` doubles.
     """
     n = scores.shape[0]
-    if not goes_per_class(boxes):
+    if not goes_per_class(boxes.shape[0], boxes.device):
         return batched_nms(boxes, scores, labels + 1, iou)[:max_dets]
     k = min(n, 4 * max_dets)
     while True:
