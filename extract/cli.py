@@ -21,7 +21,8 @@ def _csv(text: str) -> tuple[str, ...]:
 @app.command()
 @friendly_errors
 def main_command(
-    ckpt: Path = typer.Option(..., help="Detector checkpoint (roicache.detector format)."),
+    ckpt: Path = typer.Option(..., help="Detector checkpoint: roicache.detector, or an mmdetection (mmengine) checkpoint."),
+    config: str = typer.Option(None, help="mmdetection: config file or bundled mmdet config name (default: the one saved in the checkpoint)."),
     data: Path = typer.Option(..., help="Dataset directory (train.json, val.json, images/) or one annotation json."),
     out: str = typer.Option(..., help="Store location: a path or an fsspec URL."),
     splits: str = typer.Option("train,val", help="Comma-separated splits to extract."),
@@ -39,6 +40,7 @@ def main_command(
 ) -> None:
     """Run a frozen detector once over a dataset and write its RoIs into a chunked zarr store."""
     config = ExtractConfig(splits=_csv(splits), levels=_csv(levels), rois_per_image=rois_per_image, fg_iou=fg_iou,
+                           detector_config=config,
                            batch_size=batch_size, device=device, shard=Shard.parse(shard), resume=resume,
                            overwrite=overwrite, seed=seed, threads=threads)
     report = extract(ckpt=ckpt, data=data, out=out, config=config, progress=not quiet)

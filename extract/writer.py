@@ -37,8 +37,9 @@ from cache_schema.errors import (ConfigError, DatasetError, StoreExistsError, St
 from cache_schema.runtime import configure_threads, pick_device, sha256_file
 from extract.datasets.images import read_rgb
 from extract.datasets.lvis_json import AnnotationSet, check_images_exist, class_statistics, load_annotations, resolve_split
-from extract.detectors.adapter import TorchvisionAdapter
-from extract.head_weights import detector_head_state, write_head_weights
+from cache_schema.head_init import write_head_weights
+from extract.detectors.backends import load_adapter
+from extract.detectors.base import DetectorAdapter
 from extract.matching import match_rois
 from extract.overlaps import image_overlaps
 from extract.progress import ExtractProgress
@@ -50,6 +51,12 @@ GT_PROPOSAL_SPLITS = ("train",)
 MASK_SPLITS = ("val",)
 
 
+def keeps_masks(split: str, adapter: DetectorAdapter) -> bool:
+    """The split stores mask logits: val, when the detector's mask head is class-agnostic (a
+    class-specific head would need C masks per RoI; cached evaluation then gives box AP only)."""
+    return split in MASK_SPLITS and adapter.mask_size > 0 and adapter.class_agnostic_mask
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExtractConfig:
     """Settings of one extraction (what ``extract`` takes on its command line)."""
@@ -57,6 +64,7 @@ class ExtractConfig:
     splits: tuple[str, ...] = ("train", "val")
     levels: tuple[str, ...] = ("pooled", "fc")
     rois_per_image: int | None = None  # None: the detector's own test-time proposal count
+    detector_config: str | None = None  # mmdet: config file or bundled name (default: the checkpoint's)
     fg_iou: float = 0.5
     batch_size: int = 4
     device: str = "auto"
@@ -100,7 +108,7 @@ class _SplitInput:
     gt_rows_of_image: list[np.ndarray]
 
 
-def _load_split(data: Path, name: str, adapter: TorchvisionAdapter) -> _SplitInput:
+def _load_split(data: Path, name: str, adapter: DetectorAdapter) -> _SplitInput:
     json_path, image_root = resolve_split(data, name)
     annset = load_annotations(json_path, image_root)
     if annset.num_classes != adapter.num_classes:
@@ -129,7 +137,7 @@ def _load_split(data: Path, name: str, adapter: TorchvisionAdapter) -> _SplitInp
     return _SplitInput(name=name, annset=annset, gt=gt, gt_rows_of_image=rows_of)
 
 
-def _meta(adapter: TorchvisionAdapter, ckpt: Path, inputs: list[_SplitInput], config: ExtractConfig,
+def _meta(adapter: DetectorAdapter, ckpt: Path, inputs: list[_SplitInput], config: ExtractConfig,
           rois_per_image: int) -> StoreMeta:
     desc = adapter.describe()
     detector = DetectorInfo(backend=desc["backend"], arch=desc["arch"], checkpoint_sha256=desc["checkpoint_sha256"],
@@ -142,23 +150,23 @@ def _meta(adapter: TorchvisionAdapter, ckpt: Path, inputs: list[_SplitInput], co
     )
     settings = ExtractionSettings(fg_iou=config.fg_iou, bg_iou=config.fg_iou, rois_per_image=rois_per_image,
                                   gt_as_proposals=any(s.name in GT_PROPOSAL_SPLITS for s in inputs),
-                                  with_masks=any(s.name in MASK_SPLITS for s in inputs),
+                                  with_masks=any(keeps_masks(s.name, adapter) for s in inputs),
                                   mask_size=adapter.mask_size, seed=config.seed)
     return StoreMeta(detector=detector, dataset=dataset, extraction=settings,
                      splits=tuple(s.name for s in inputs), num_classes=adapter.num_classes)
 
 
-def _overlap_columns(s: _SplitInput) -> int:
+def _overlap_columns(s: _SplitInput, masks: bool) -> int:
     """GT columns of the split's mask overlaps: the most GTs of any image, or 0 (none stored)
     when the split keeps no masks or some annotation has no segmentation to compare with."""
-    if s.name not in MASK_SPLITS:
+    if not masks:
         return 0
     if any("segmentation" not in a for anns in s.annset.annotations for a in anns):
         return 0
     return max((len(r) for r in s.gt_rows_of_image), default=0)
 
 
-def _split_spec(s: _SplitInput, config: ExtractConfig, rois_per_image: int) -> SplitSpec:
+def _split_spec(s: _SplitInput, config: ExtractConfig, rois_per_image: int, masks: bool) -> SplitSpec:
     imgs = s.annset.images
     max_gt = max((len(r) for r in s.gt_rows_of_image), default=0)
     with_gt = s.name in GT_PROPOSAL_SPLITS
@@ -166,12 +174,12 @@ def _split_spec(s: _SplitInput, config: ExtractConfig, rois_per_image: int) -> S
         name=s.name, image_ids=np.array([im.id for im in imgs], np.int64),
         image_sizes=np.array([(im.height, im.width) for im in imgs], np.int32).reshape(-1, 2),
         file_names=tuple(im.file_name for im in imgs), stride=rois_per_image + (max_gt if with_gt else 0),
-        levels=config.levels, gt=s.gt, with_masks=s.name in MASK_SPLITS, has_gt_proposals=with_gt,
-        mask_overlaps=_overlap_columns(s),
+        levels=config.levels, gt=s.gt, with_masks=masks, has_gt_proposals=with_gt,
+        mask_overlaps=_overlap_columns(s, masks),
     )
 
 
-def _open_or_create(out: str, meta: StoreMeta, adapter: TorchvisionAdapter, inputs: list[_SplitInput],
+def _open_or_create(out: str, meta: StoreMeta, adapter: DetectorAdapter, inputs: list[_SplitInput],
                     config: ExtractConfig, rois_per_image: int) -> Store:
     overwrite = config.overwrite
     if config.resume:
@@ -190,8 +198,8 @@ def _open_or_create(out: str, meta: StoreMeta, adapter: TorchvisionAdapter, inpu
     classes = class_statistics(next(s.annset for s in inputs if s.name == "train")) if any(
         s.name == "train" for s in inputs) else class_statistics(inputs[0].annset)
     store = create_store(out, meta=meta, classes=classes, overwrite=overwrite,
-                         splits=[_split_spec(s, config, rois_per_image) for s in inputs])
-    write_head_weights(store, detector_head_state(adapter.model))
+                         splits=[_split_spec(s, config, rois_per_image, keeps_masks(s.name, adapter)) for s in inputs])
+    write_head_weights(store, adapter.head_state())
     return store
 
 
@@ -232,13 +240,13 @@ def _overlaps(s: _SplitInput, p: int, out, columns: int) -> tuple[np.ndarray, np
                           mask_logits=out.mask_logits, columns=columns)
 
 
-def _run_split(store: Store, s: _SplitInput, adapter: TorchvisionAdapter, config: ExtractConfig,
+def _run_split(store: Store, s: _SplitInput, adapter: DetectorAdapter, config: ExtractConfig,
                rois_per_image: int, progress: ExtractProgress) -> tuple[int, int]:
     split = store.split(s.name)
     done = split.done()
     groups = [g for g in batch_groups(len(s.annset), config.batch_size, config.shard) if not done[g].all()]
     with_gt = s.name in GT_PROPOSAL_SPLITS
-    with_masks = s.name in MASK_SPLITS
+    with_masks = keeps_masks(s.name, adapter)
     progress.start_split(s.name, images=sum(len(g) for g in groups))
     images_written = rois_written = 0
     # Matching, encoding and writing a batch (numpy/blosc/file I/O, which release the GIL) run on a
@@ -265,11 +273,11 @@ def extract(*, ckpt: Path, data: Path, out: str, config: ExtractConfig, progress
     """Fill the store at ``out`` with this shard's images; returns what was written."""
     configure_threads(config.threads)
     device = pick_device(config.device)
-    adapter = TorchvisionAdapter.from_checkpoint(ckpt, device=device)
+    adapter = load_adapter(ckpt, device=device, config=config.detector_config)
     unknown = [lv for lv in config.levels if lv not in adapter.levels]
     if unknown:
         raise ConfigError(f"--levels {','.join(unknown)} not produced by this detector; choose from {','.join(adapter.levels)}")
-    rois_per_image = config.rois_per_image or adapter.arch.rpn_post_nms_top_n_test
+    rois_per_image = config.rois_per_image or adapter.default_proposals
     inputs = [_load_split(Path(data), name, adapter) for name in config.splits]
     meta = _meta(adapter, Path(ckpt), inputs, config, rois_per_image)
     store = _open_or_create(str(out), meta, adapter, inputs, config, rois_per_image)

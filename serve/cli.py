@@ -44,6 +44,7 @@ def inject_command(
 @friendly_errors
 def eval_command(
     ckpt: Path = typer.Option(..., help="Detector checkpoint, plain or injected."),
+    config: str = typer.Option(None, help="mmdetection: config file or bundled config name (default: the checkpoint's)."),
     data: Path = typer.Option(..., help="Dataset directory (val.json + images) or the val json."),
     out: Path = typer.Option(None, help="Where results and metrics go (default: next to the checkpoint)."),
     combine: str = typer.Option(None, help="Comma-separated rules to evaluate (default: the checkpoint's)."),
@@ -61,7 +62,8 @@ def eval_command(
     combines = tuple(c.strip() for c in combine.split(",") if c.strip()) if combine else None
     run = evaluate_detector(ckpt=ckpt, data=data, out_dir=out or ckpt.parent / f"eval_{ckpt.stem}",
                             combines=combines, T=T, sweep_T=_floats(sweep_T), bins=BinSpec.preset(bins),
-                            device=device, batch_size=batch_size, progress=not quiet, limit=limit)
+                            device=device, batch_size=batch_size, progress=not quiet, limit=limit,
+                            detector_config=config)
     console = Console()
     console.print(run.table())
     console.print(f"{run.images} images, inference {run.images / max(run.inference_seconds, 1e-9):.2f} img/s; "
@@ -72,6 +74,7 @@ def eval_command(
 @friendly_errors
 def calibrate_online_command(
     ckpt: Path = typer.Option(..., help="Detector checkpoint."),
+    detector_config: str = typer.Option(None, "--detector-config", help="mmdetection: config file or bundled config name."),
     cache: str = typer.Option(..., help="Store of the same detector (its RoI index drives the sampler)."),
     out: Path = typer.Option(..., help="Run directory."),
     config: Path = typer.Option(None, help="TOML run config (same as `heads train`)."),
@@ -85,7 +88,7 @@ def calibrate_online_command(
 
     overrides = {k: v for k, v in {"schedule.max_steps": steps, "run.seed": seed}.items() if v is not None}
     result = calibrate_online(ckpt=ckpt, cache=cache, config=load_config(config, overrides), out_dir=out,
-                              progress=not quiet)
+                              progress=not quiet, detector_config=detector_config)
     Console().print(f"head written to {result.head_path} ({result.steps} steps, "
                     f"{result.steps_per_second or 0:.2f} steps/s)")
 

@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from cache_schema.errors import ConfigError
-from extract.detectors.adapter import TorchvisionAdapter
+from extract.detectors.backends import load_adapter, read_checkpoint
 from extract.detectors.base import RoiOutputs
-from extract.detectors.checkpoint import load_detector, read_torch_file
 from heads.combine import RULES, CombineConfig, get_rule
 from heads.evaluation import Detections, assemble_detection_arrays, to_results
 from heads.models import head_from_state, head_scores
@@ -48,13 +47,13 @@ class Inferred:
 class DualHeadDetector:
     """A loaded detector checkpoint, plain or injected, that scores RoIs with one or two heads."""
 
-    def __init__(self, *, path: Path, device: torch.device) -> None:
+    def __init__(self, *, path: Path, device: torch.device, config: str | None = None) -> None:
         self.path = Path(path)
         self.device = device
-        loaded = load_detector(self.path, device=device)
-        self.adapter = TorchvisionAdapter(detector=loaded, device=device)
-        self.category_ids = tuple(int(c["id"]) for c in loaded.categories)
-        self.calibration: Calibration | None = read_calibration(read_torch_file(self.path, what="detector checkpoint"))
+        payload = read_checkpoint(self.path)
+        self.adapter = load_adapter(self.path, device=device, config=config, payload=payload)
+        self.category_ids = tuple(int(c["id"]) for c in self.adapter.categories)
+        self.calibration: Calibration | None = read_calibration(payload)
         self.head = None
         if self.calibration is not None:
             spec = self.calibration.spec
@@ -81,7 +80,7 @@ class DualHeadDetector:
             return [inf.out for inf in self.infer(images, combinations=combinations, max_proposals=max_proposals,
                                                   max_dets=max_dets)]
         return self.adapter.run(images, gt_boxes=None, levels=self._levels(), with_masks=True,
-                                max_proposals=max_proposals or self.adapter.arch.rpn_post_nms_top_n_test)
+                                max_proposals=max_proposals or self.adapter.default_proposals)
 
     def infer(self, images: list[np.ndarray], *, combinations: tuple[Combination, ...],
               max_proposals: int | None = None, max_dets: int = 300) -> list[Inferred]:
@@ -99,7 +98,7 @@ class DualHeadDetector:
             return np.unique(np.concatenate([d.roi_index.cpu().numpy() for d in dets]))
 
         outs = self.adapter.run(images, gt_boxes=None, levels=self._levels(), with_masks=True, mask_rows=select,
-                                max_proposals=max_proposals or self.adapter.arch.rpn_post_nms_top_n_test)
+                                max_proposals=max_proposals or self.adapter.default_proposals)
         return [Inferred(out=o, dets=found[id(o.logits)][1]) for o in outs]
 
     def _levels(self) -> tuple[str, ...]:
@@ -108,12 +107,11 @@ class DualHeadDetector:
     def detect(self, out: RoiOutputs, combination: Combination, image_size: tuple[int, int], *,
                max_dets: int = 300) -> Detections:
         """Detections of one image's RoIs under ``combination`` (torchvision post-processing)."""
-        arch = self.adapter.arch
+        post = self.adapter.postprocess
         streams = self.scores(out, combination)
         return assemble_detection_arrays(scores=streams if len(streams) > 1 else streams[0],
                                          boxes=torch.from_numpy(out.reg_boxes), image_size=image_size,
-                                         score_thresh=arch.box_score_thresh, nms_iou=arch.box_nms_thresh,
-                                         max_dets=max_dets)
+                                         score_thresh=post.score_thresh, nms_iou=post.nms_iou, max_dets=max_dets)
 
     def results(self, out: RoiOutputs, dets: Detections, *, image_id: int, image_size: tuple[int, int]) -> list[dict]:
         """LVIS-format results of ``dets`` (from :meth:`detect` on ``out``), masks included."""

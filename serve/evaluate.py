@@ -92,7 +92,7 @@ def _row_name(c: Combination, many_T: bool) -> str:
 def evaluate_detector(*, ckpt: Path, data: Path, out_dir: Path, combines: tuple[str, ...] | None = None,
                       T: float | None = None, sweep_T: tuple[float, ...] = (), bins: BinSpec | None = None,
                       device: str | None = None, batch_size: int = 4, max_dets: int = 300,
-                      progress: bool = True, limit: int | None = None) -> EvalRun:
+                      progress: bool = True, limit: int | None = None, detector_config: str | None = None) -> EvalRun:
     """Run ``ckpt`` over ``data``'s val split and evaluate each requested combination.
 
     ``combines`` default to the checkpoint's own rule (``orig`` for a plain detector); ``T``
@@ -105,7 +105,7 @@ def evaluate_detector(*, ckpt: Path, data: Path, out_dir: Path, combines: tuple[
     if len(annset) == 0:
         raise DatasetError(f"{json_path} lists no images; give a dataset with val images")
     check_images_exist(annset)
-    detector = DualHeadDetector(path=Path(ckpt), device=pick_device(device))
+    detector = DualHeadDetector(path=Path(ckpt), device=pick_device(device), config=detector_config)
     if tuple(annset.cat_ids) != detector.category_ids:
         raise DatasetError(f"{json_path}: categories differ from the detector's; evaluate on the dataset it was trained on")
     wanted = [detector.with_default(combine=c, T=T) for c in (combines or (detector.default.combine,))]

@@ -5,10 +5,14 @@ Two outputs:
   ``"calibration"`` record holding the new head (spec + weights), the combination rule, its
   threshold and the training instance counts. roicache's loader (:mod:`serve.dual`) rebuilds the
   detector and scores every RoI with both heads.
-- ``--combine replace``: a checkpoint in plain torchvision layout whose classifier *is* the new
-  head, loadable into ``torchvision.models.detection.MaskRCNN`` without roicache
-  (:func:`serve.plain.build_plain_torchvision`). Only a head that replaces the classifier layer
-  alone (``lastfc``) can do this: the others change the shared fcs the box regressor also reads.
+- ``--combine replace``: a checkpoint in the backend's plain layout whose classifier *is* the
+  new head, loadable without roicache (torchvision: stock ``MaskRCNN``,
+  :func:`extract.detectors.plain.build_plain_torchvision`; mmdet: ``init_detector``). Only a head
+  that replaces the classifier layer alone (``lastfc``) can do this: the others change the shared
+  fcs the box regressor also reads.
+
+The checkpoint's backend (chosen by its format, :mod:`extract.detectors.backends`) does the
+surgery; this module only decides what goes in.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from pathlib import Path
 from cache_schema.errors import CheckpointError, ConfigError
 from cache_schema.runtime import sha256_file
 from extract.datasets.lvis_json import class_statistics, load_annotations
-from extract.detectors.checkpoint import atomic_torch_save, read_torch_file
+from extract.detectors.backends import backend_of, read_checkpoint
+from extract.detectors.checkpoint import atomic_torch_save
 from heads.combine import RULES
 from heads.models import HeadSpec, load_head
 
@@ -79,7 +84,7 @@ def _head_path(head: Path) -> Path:
     return head / "head.pt" if head.is_dir() else head
 
 
-def _check_head_fits(payload: dict, ckpt: Path, head_meta: dict, spec: HeadSpec, head_path: Path) -> None:
+def _check_head_fits(categories: tuple[dict, ...], ckpt: Path, head_meta: dict, spec: HeadSpec, head_path: Path) -> None:
     """Refuse a head trained from a store of another detector or class set."""
     store = head_meta.get("store") or {}
     sha = sha256_file(ckpt)
@@ -88,7 +93,7 @@ def _check_head_fits(payload: dict, ckpt: Path, head_meta: dict, spec: HeadSpec,
             f"head {head_path} was trained on RoIs of another detector (sha256 {str(store.get('detector_sha256'))[:12]}…, "
             f"this checkpoint {sha[:12]}…); train it on a store extracted with {ckpt}"
         )
-    ids = [int(c["id"]) for c in payload["categories"]]
+    ids = [int(c["id"]) for c in categories]
     if store.get("category_ids") is not None and list(store["category_ids"]) != ids:
         raise CheckpointError(f"head {head_path} was trained for another class set than {ckpt}; use a head from this detector's store")
     if spec.num_classes != len(ids):
@@ -111,20 +116,18 @@ def inject(*, ckpt: Path, head: Path, combine: str, T: float, out: Path, boundar
     ckpt, out = Path(ckpt), Path(out)
     if combine != "replace" and combine not in RULES:
         raise ConfigError(f"unknown combine scheme {combine!r}; choose from {', '.join(RULES)} or replace")
-    payload = read_torch_file(ckpt, what="detector checkpoint")
-    if not isinstance(payload, dict) or payload.get("format") != "roicache.detector":
-        raise CheckpointError(f"{ckpt} is not a roicache detector checkpoint; give the file `roicache detector train` wrote")
+    payload = read_checkpoint(ckpt)
+    backend = backend_of(payload, ckpt)
     if CALIBRATION_KEY in payload:
         raise CheckpointError(f"{ckpt} already carries a calibrated head; inject into the original checkpoint")
     head_path = _head_path(head)
     module, spec, head_meta = load_head(head_path)
-    _check_head_fits(payload, ckpt, head_meta, spec, head_path)
+    _check_head_fits(backend.categories_of(payload), ckpt, head_meta, spec, head_path)
     if out.resolve() == ckpt.resolve():
         raise ConfigError("--out must differ from --ckpt; the original checkpoint is kept untouched")
     if combine == "replace":
-        from serve.plain import replace_classifier  # local: only this branch needs it
-
-        new = replace_classifier(payload, module, spec)
+        _check_replaceable(spec)
+        new = backend.replace_classifier(payload, weight=module.cls.weight, bias=module.cls.bias)
     else:
         calib = Calibration(combine=combine, T=T, boundary=boundary,
                             instance_count=_instance_counts(head_meta, spec.num_classes), spec=spec,
@@ -137,6 +140,18 @@ def inject(*, ckpt: Path, head: Path, combine: str, T: float, out: Path, boundar
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(new, out)
     return out
+
+
+def _check_replaceable(spec: HeadSpec) -> None:
+    """Only a softmax head that replaces the classifier layer alone can become a plain checkpoint."""
+    if spec.name not in REPLACEABLE_HEADS:
+        raise CheckpointError(
+            f"--combine replace needs a head that replaces only the classifier layer ({', '.join(REPLACEABLE_HEADS)}); "
+            f"{spec.name} changes the shared fcs the box regressor also reads — inject it with --combine sel instead"
+        )
+    if spec.loss in ("gumbel", "gol"):
+        raise CheckpointError(f"--combine replace writes a softmax classifier; a {spec.loss}-trained head needs "
+                              "roicache's scoring — inject it with --combine cal-only")
 
 
 def read_calibration(payload: dict) -> Calibration | None:

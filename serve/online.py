@@ -22,7 +22,8 @@ from cache_schema.head_init import read_head_weights
 from cache_schema.records import RoiSet
 from cache_schema.runtime import configure_threads, pick_device, sha256_file
 from extract.datasets.images import read_rgb
-from extract.detectors.adapter import TorchvisionAdapter
+from extract.detectors.backends import load_adapter
+from extract.detectors.base import DetectorAdapter
 from heads.config import TrainConfig
 from heads.models import level_for_head
 from heads.pipeline import FROM_DETECTOR, store_identity
@@ -33,7 +34,7 @@ from heads.train import TrainResult, train_head
 class DetectorFetch:
     """``positions -> RoiSet``: runs the frozen detector on those train images, now."""
 
-    def __init__(self, *, adapter: TorchvisionAdapter, store: Store, level: str) -> None:
+    def __init__(self, *, adapter: DetectorAdapter, store: Store, level: str) -> None:
         self.adapter = adapter
         self.level = level
         split = store.split("train")
@@ -67,15 +68,16 @@ class DetectorFetch:
 
 
 def calibrate_online(*, ckpt: Path, cache: str, config: TrainConfig, out_dir: Path, progress: bool = True,
-                     device: str | None = None) -> TrainResult:
-    """Train the head ``config`` names with features computed by the detector at every step."""
+                     device: str | None = None, detector_config: str | None = None) -> TrainResult:
+    """Train the head ``config`` names with features computed by the detector at every step
+    (``detector_config``: an mmdet config, as for ``extract --config``)."""
     configure_threads(config.run.threads or None)
     store = open_store(cache)
     if sha256_file(ckpt) != store.meta.detector.checkpoint_sha256:
         raise StoreMismatchError(f"store {store.path} was extracted with another checkpoint than {ckpt}; "
                                  "use the detector the store was built from")
     level = level_for_head(config.head.name)
-    adapter = TorchvisionAdapter.from_checkpoint(ckpt, device=pick_device(device or config.run.device))
+    adapter = load_adapter(ckpt, device=pick_device(device or config.run.device), config=detector_config)
     fetch = DetectorFetch(adapter=adapter, store=store, level=level)
     split = store.split("train")
     source = StreamingRoiSource(index_roiset=split.load(level=None), fetch_images=fetch,

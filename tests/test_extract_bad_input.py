@@ -73,7 +73,7 @@ def checkpoints(tiny_ckpt, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("kind,message", [
     ("random", "is not a readable torch checkpoint"),
-    ("not_detector", "is not a roicache detector checkpoint (format=None)"),
+    ("not_detector", "is neither a roicache detector checkpoint nor an mmdetection (mmengine) checkpoint"),
     ("five_classes", f"has {TINY_DATA.num_classes} categories but the detector was trained for {TINY_DATA.num_classes - 1}"),
 ])
 def test_bad_checkpoint_is_one_line_and_writes_nothing(checkpoints, tiny_data, tmp_path, kind, message):

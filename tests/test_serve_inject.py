@@ -33,7 +33,7 @@ from heads.models import head_scores, load_head
 from heads.pipeline import train_from_store
 from serve.cli import app
 from serve.dual import Combination, DualHeadDetector
-from serve.plain import build_plain_torchvision
+from extract.detectors.plain import build_plain_torchvision
 from tests.pipeline_fixtures import TINY_DATA, TINY_TRAIN
 
 RUNNER = CliRunner()

@@ -14,7 +14,6 @@ grouping by size keeps every image's outputs independent of what it was batched 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,14 +24,16 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
 from cache_schema.errors import ConfigError
-from extract.detectors.base import FEATURE_LEVELS, RoiOutputs
-from extract.detectors.checkpoint import LoadedDetector, load_detector
+from extract.detectors.base import FEATURE_LEVELS, MaskRows, Postprocess, RoiOutputs
+from extract.detectors.checkpoint import LoadedDetector, is_roicache_detector, load_detector
+from extract.detectors.plain import replace_torchvision_classifier
 
 
 class TorchvisionAdapter:
     """A :class:`DetectorAdapter` over a roicache torchvision Mask R-CNN checkpoint."""
 
     backend = "torchvision"
+    class_agnostic_box = True
 
     def __init__(self, *, detector: LoadedDetector, device: str | torch.device = "cpu") -> None:
         self.detector = detector
@@ -40,10 +41,29 @@ class TorchvisionAdapter:
         self.model = detector.model.to(self.device).eval()
         arch = detector.arch
         self.arch = arch
+        self.path, self.sha256 = detector.path, detector.sha256
         self.num_classes = arch.num_classes
         self.categories = detector.categories
         self.levels: dict[str, tuple[int, ...]] = {"fc": (arch.representation_size,), "pooled": arch.pooled_shape}
         self.mask_size = arch.mask_size
+        self.class_agnostic_mask = arch.class_agnostic_mask
+        self.default_proposals = arch.rpn_post_nms_top_n_test
+        self.postprocess = Postprocess(score_thresh=arch.box_score_thresh, nms_iou=arch.box_nms_thresh,
+                                       max_dets=arch.box_detections_per_img)
+
+    @classmethod
+    def accepts(cls, payload: object) -> bool:
+        """The loaded checkpoint ``payload`` is one this backend reads."""
+        return is_roicache_detector(payload)
+
+    @classmethod
+    def from_payload(cls, payload: dict, *, path: Path, device: str | torch.device = "cpu",
+                     config: str | None = None) -> "TorchvisionAdapter":
+        """The adapter of an already-read checkpoint (its architecture travels inside it)."""
+        if config is not None:
+            raise ConfigError("--config applies to mmdetection checkpoints; a roicache detector checkpoint "
+                              "carries its own architecture, drop --config")
+        return cls(detector=load_detector(path, device=device, payload=payload), device=device)
 
     @classmethod
     def from_checkpoint(
@@ -51,6 +71,29 @@ class TorchvisionAdapter:
     ) -> "TorchvisionAdapter":
         """Load a ``roicache.detector`` checkpoint (see :func:`load_detector`) onto ``device``."""
         return cls(detector=load_detector(Path(path), device=device), device=device)
+
+    @staticmethod
+    def categories_of(payload: dict) -> tuple[dict, ...]:
+        """The class table of a checkpoint payload, without building the model."""
+        return tuple(payload["categories"])
+
+    @staticmethod
+    def replace_classifier(payload: dict, *, weight: torch.Tensor, bias: torch.Tensor) -> dict:
+        """A plain-torchvision checkpoint of ``payload``'s detector whose classifier is
+        ``weight`` float32 ``[C+1, D]`` / ``bias`` ``[C+1]`` (rows in store order, background
+        last), loadable into stock ``torchvision.models.detection.MaskRCNN`` without roicache."""
+        return replace_torchvision_classifier(payload, weight=weight, bias=bias)
+
+    def head_state(self) -> dict[str, np.ndarray]:
+        """``fc6``/``fc7``/``cls`` of the box head, float32; torchvision puts background at
+        classifier row 0, the store last (mmdet convention), so the rows are rotated ``[1..C, 0]``."""
+        head, predictor = self.model.roi_heads.box_head, self.model.roi_heads.box_predictor
+        cls_w, cls_b = predictor.cls_score.weight, predictor.cls_score.bias
+        order = torch.cat([torch.arange(1, cls_w.shape[0]), torch.zeros(1, dtype=torch.int64)]).to(cls_w.device)
+        state = {"fc6.weight": head.fc6.weight, "fc6.bias": head.fc6.bias,
+                 "fc7.weight": head.fc7.weight, "fc7.bias": head.fc7.bias,
+                 "cls.weight": cls_w[order], "cls.bias": cls_b[order]}
+        return {k: v.detach().cpu().float().numpy() for k, v in state.items()}
 
     def describe(self) -> dict:
         """What a store records about its detector (JSON-safe)."""
@@ -102,7 +145,7 @@ class TorchvisionAdapter:
         levels: tuple[str, ...] = ("fc",),
         max_proposals: int = 300,
         with_masks: bool = False,
-        mask_rows: Callable[[RoiOutputs, tuple[int, int]], np.ndarray] | None = None,
+        mask_rows: MaskRows | None = None,
     ) -> list[RoiOutputs]:
         """RoI outputs per image (see the module docstring); order follows ``images``.
 

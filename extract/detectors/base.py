@@ -1,13 +1,15 @@
 """What the extraction writer needs from any two-stage detector, free of framework types.
 
-A backend (torchvision here; mmdetection may follow) implements :class:`DetectorAdapter`; the
-writer only sees numpy arrays in :class:`RoiOutputs`. Class indices are contiguous ``0..C-1`` and
+A backend (one module per framework, chosen by checkpoint format in :mod:`extract.detectors.backends`)
+implements :class:`DetectorAdapter`; its callers only see numpy arrays in :class:`RoiOutputs`. Class indices are contiguous ``0..C-1`` and
 background is ``C`` (last column of ``logits``); boxes are xyxy in ORIGINAL image pixels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -34,6 +36,9 @@ class RoiOutputs:
             original image pixels.
         mask_logits: float32 ``[R, M, M]`` class-agnostic mask logits computed on ``reg_boxes``,
             or ``None`` when masks were not asked for.
+        class_boxes: float32 ``[R, C, 4]`` per-class regressed boxes (clipped, original pixels)
+            of a detector whose box regression is class-specific (``reg_boxes`` then holds each
+            RoI's box under its highest-scoring class); ``None`` for class-agnostic regression.
     """
 
     boxes: np.ndarray
@@ -43,6 +48,7 @@ class RoiOutputs:
     logits: np.ndarray
     reg_boxes: np.ndarray
     mask_logits: np.ndarray | None = None
+    class_boxes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         r = self.boxes.shape[0]
@@ -68,6 +74,10 @@ class RoiOutputs:
         ):
             got = f"{self.mask_logits.dtype}{list(self.mask_logits.shape)}"
             raise SchemaError(f"RoiOutputs.mask_logits: got {got}, expected float32[{r}, M, M]")
+        c = self.logits.shape[1] - 1
+        if self.class_boxes is not None and (self.class_boxes.shape != (r, c, 4) or self.class_boxes.dtype != np.float32):
+            got = f"{self.class_boxes.dtype}{list(self.class_boxes.shape)}"
+            raise SchemaError(f"RoiOutputs.class_boxes: got {got}, expected float32[{r}, {c}, 4]")
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -78,24 +88,68 @@ class RoiOutputs:
         return int((~self.is_gt).sum())
 
 
-@runtime_checkable
-class DetectorAdapter(Protocol):
-    """A frozen two-stage detector as the extraction writer drives it (numpy in, numpy out).
+@dataclass(frozen=True, kw_only=True)
+class Postprocess:
+    """The detector's own test-time detection settings (what full and cached evaluation apply).
 
     Attributes:
-        num_classes: C.
-        levels: feature level name -> per-RoI shape, e.g. ``{"fc": (256,), "pooled": (64, 7, 7)}``.
-        mask_size: side M of the mask logits.
-        categories: ``C`` dicts ``{"id", "name"}``; index ``k`` is class ``k``.
+        score_thresh: (RoI, class) pairs scoring at or below this are dropped.
+        nms_iou: IoU of the per-class NMS.
+        max_dets: detections kept per image.
     """
 
+    score_thresh: float
+    nms_iou: float
+    max_dets: int
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.nms_iou <= 1.0 or self.max_dets < 1 or not 0.0 <= self.score_thresh < 1.0:
+            raise SchemaError(f"detector postprocess {self} is invalid: need 0 < nms_iou <= 1, max_dets >= 1, "
+                              "0 <= score_thresh < 1")
+
+
+#: What :meth:`DetectorAdapter.run` asks the caller for, per image, when it computes masks only
+#: for some RoIs: given the image's outputs without masks and its original (height, width), the
+#: rows whose masks are needed (int64 ``[K]``).
+MaskRows = Callable[[RoiOutputs, tuple[int, int]], np.ndarray]
+
+
+@runtime_checkable
+class DetectorAdapter(Protocol):
+    """A frozen two-stage detector as extraction, online calibration, injection and full
+    evaluation drive it (numpy in, numpy out). Callers never reach into a backend's model.
+
+    Attributes:
+        backend: name of the backend (``"torchvision"``, ``"mmdet"``), recorded in stores.
+        path: the checkpoint file; ``sha256``: its hex sha256 (the detector's identity).
+        num_classes: C.
+        levels: feature level name -> per-RoI shape, e.g. ``{"fc": (256,), "pooled": (64, 7, 7)}``.
+        mask_size: side M of the mask logits (0 for a detector without a mask head).
+        class_agnostic_mask: one mask per RoI (what the store can hold); else one per class.
+        categories: ``C`` dicts ``{"id", "name"}``; index ``k`` is class ``k``.
+        default_proposals: RPN proposals the detector keeps per image at test time.
+        postprocess: its test-time detection settings.
+    """
+
+    backend: str
+    path: Path
+    sha256: str
     num_classes: int
     levels: dict[str, tuple[int, ...]]
     mask_size: int
+    class_agnostic_mask: bool
     categories: tuple[dict, ...]
+    default_proposals: int
+    postprocess: Postprocess
 
     def describe(self) -> dict:
         """JSON-safe record of the detector for the store's attributes (backend, arch, sha256...)."""
+        ...
+
+    def head_state(self) -> dict[str, np.ndarray]:
+        """The box head's classification path in the store's neutral naming, float32:
+        ``fc6.*``, ``fc7.*`` (the two shared fcs) and ``cls.*`` (rows: classes ``0..C-1`` then
+        background) — what heads initialised from the detector start from."""
         ...
 
     def run(
@@ -106,6 +160,11 @@ class DetectorAdapter(Protocol):
         levels: tuple[str, ...],
         max_proposals: int,
         with_masks: bool,
+        mask_rows: MaskRows | None = None,
     ) -> list[RoiOutputs]:
-        """RoI outputs of each uint8 ``[H, W, 3]`` RGB image (GT boxes float32 ``[G, 4]`` appended)."""
+        """RoI outputs of each uint8 ``[H, W, 3]`` RGB image (GT boxes float32 ``[G, 4]`` appended).
+
+        With ``with_masks`` and ``mask_rows``, mask logits are computed only for the rows
+        ``mask_rows`` returns (zeros elsewhere), as detectors run their mask head on detections only.
+        """
         ...

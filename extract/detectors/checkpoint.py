@@ -144,15 +144,23 @@ def read_torch_file(path: Path, *, what: str) -> Any:
         ) from None
 
 
-def load_detector(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> LoadedDetector:
+def is_roicache_detector(payload: Any) -> bool:
+    """``payload`` (a loaded checkpoint) is in the ``roicache.detector`` format."""
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def load_detector(path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+                  payload: dict | None = None) -> LoadedDetector:
     """Read a ``roicache.detector`` checkpoint and rebuild its model (eval mode, on ``device``).
+    ``payload``: the file's contents when the caller has already read them (read once).
 
     Raises:
         CheckpointError: missing file, not a torch file, truncated, not this format (or a newer
             version), bad arch, or weights that do not fit the arch.
     """
     path = Path(path)
-    payload = read_torch_file(path, what="detector checkpoint")
+    if payload is None:
+        payload = read_torch_file(path, what="detector checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(

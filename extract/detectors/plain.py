@@ -66,23 +66,18 @@ def to_plain_state_dict(state: dict, arch: DetectorArch) -> dict:
     return out
 
 
-def replace_classifier(payload: dict, head: torch.nn.Module, spec) -> dict:
-    """A plain-torchvision checkpoint of ``payload``'s detector whose ``cls_score`` is ``head``'s
-    classifier (rows rotated back to torchvision's background-first order)."""
-    from serve.inject import REPLACEABLE_HEADS
-
-    if spec.name not in REPLACEABLE_HEADS:
-        raise CheckpointError(
-            f"--combine replace needs a head that replaces only the classifier layer ({', '.join(REPLACEABLE_HEADS)}); "
-            f"{spec.name} changes the shared fcs the box regressor also reads — inject it with --combine sel instead"
-        )
-    if spec.loss in ("gumbel", "gol"):
-        raise CheckpointError(f"--combine replace writes a softmax classifier; a {spec.loss}-trained head needs "
-                              "roicache's scoring — inject it with --combine cal-only")
+def replace_torchvision_classifier(payload: dict, *, weight: torch.Tensor, bias: torch.Tensor) -> dict:
+    """A plain-torchvision checkpoint of ``payload`` (``roicache.detector``) whose ``cls_score``
+    is ``weight`` ``[C+1, D]`` / ``bias`` ``[C+1]`` given in store order (background last); the
+    rows are rotated back to torchvision's background-first order."""
     arch = DetectorArch.from_dict(payload["arch"])
     state = to_plain_state_dict(payload["state_dict"], arch)
-    w, b = head.cls.weight.detach().cpu(), head.cls.bias.detach().cpu()
-    order = torch.cat([w.new_tensor([w.shape[0] - 1], dtype=torch.int64), torch.arange(w.shape[0] - 1)])
+    w, b = weight.detach().cpu().float(), bias.detach().cpu().float()
+    old = state["roi_heads.box_predictor.cls_score.weight"]
+    if tuple(w.shape) != tuple(old.shape):
+        raise CheckpointError(f"the new classifier is {tuple(w.shape)}, the detector's {tuple(old.shape)}; "
+                              "inject a head trained on this detector's store")
+    order = torch.cat([torch.tensor([w.shape[0] - 1]), torch.arange(w.shape[0] - 1)])
     state["roi_heads.box_predictor.cls_score.weight"] = w[order].clone()
     state["roi_heads.box_predictor.cls_score.bias"] = b[order].clone()
     return {"format": PLAIN_FORMAT, "format_version": 1, "arch": payload["arch"],

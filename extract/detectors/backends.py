@@ -1,0 +1,85 @@
+"""Which backend reads a detector checkpoint: one registry, chosen by the checkpoint's format.
+
+Extraction, online calibration, injection and full evaluation all load detectors through
+:func:`load_adapter` (or :func:`backend_of` for checkpoint surgery), so a new framework is one new
+module registered in :data:`BACKENDS` — nothing else changes. Each backend class offers:
+
+- ``accepts(payload) -> bool``: the loaded checkpoint is in its format;
+- ``from_payload(payload, *, path, device, config) -> DetectorAdapter``;
+- ``categories_of(payload)`` and ``replace_classifier(payload, *, weight, bias) -> payload``:
+  what ``serve inject`` needs, without building the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cache_schema.errors import CheckpointError
+from extract.detectors.adapter import TorchvisionAdapter
+from extract.detectors.base import DetectorAdapter
+from extract.detectors.mmdet_adapter import MmdetAdapter
+
+#: backend name -> class; order matters only for formats two backends could both claim (none).
+BACKENDS: dict[str, type] = {"torchvision": TorchvisionAdapter, "mmdet": MmdetAdapter}
+
+_log = logging.getLogger("roicache")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The contents of a detector checkpoint file, as a dict; one-line errors for bad files.
+
+    roicache's own files load with ``weights_only=True``. mmengine training checkpoints also
+    pickle a few Python objects (message hub, optimizer state); those are loaded in full, as
+    mmengine itself does — only load checkpoints you trust.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"detector checkpoint {path} does not exist; check the path")
+    if not path.is_file():
+        raise CheckpointError(f"detector checkpoint {path} is not a file; give the checkpoint file, not a directory")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+            raise _unreadable(path, exc) from None
+        _log.info("%s holds pickled Python objects besides tensors; loaded it in full (as mmengine does)", path)
+    except Exception as exc:  # noqa: BLE001
+        raise _unreadable(path, exc) from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a detector checkpoint dict; "
+                              "give a roicache detector or mmdetection checkpoint")
+    return payload
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"detector checkpoint {path} is not a readable torch checkpoint ({type(exc).__name__}: "
+                           "truncated or corrupt); re-copy it or train it again")
+
+
+def backend_of(payload: Any, path: str | Path) -> type:
+    """The backend class whose format ``payload`` (read from ``path``) is in."""
+    for cls in BACKENDS.values():
+        if cls.accepts(payload):
+            return cls
+    raise CheckpointError(f"{path} is neither a roicache detector checkpoint nor an mmdetection (mmengine) "
+                          f"checkpoint; supported backends: {', '.join(BACKENDS)}")
+
+
+def load_adapter(path: str | Path, *, device: str | torch.device = "cpu", config: str | None = None,
+                 payload: dict | None = None) -> DetectorAdapter:
+    """The frozen detector in ``path`` behind the :class:`DetectorAdapter` boundary.
+
+    Args:
+        config: mmdetection only — a config file or a bundled mmdet config name (default: the
+            config text saved in the checkpoint).
+        payload: the checkpoint's contents when already read (it is not read twice).
+    """
+    payload = read_checkpoint(path) if payload is None else payload
+    return backend_of(payload, path).from_payload(payload, path=Path(path), device=device, config=config)
