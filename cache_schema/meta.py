@@ -57,6 +57,40 @@ def check_schema_version(version: Any) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Postprocess:
+    """The detector's own test-time detection settings (what full and cached evaluation apply).
+
+    Stores made before this record have none; readers then use torchvision's defaults
+    (:meth:`Postprocess.torchvision_default`).
+
+    Attributes:
+        score_thresh: (RoI, class) pairs scoring at or below this are dropped.
+        nms_iou: IoU of the per-class NMS.
+        max_dets: detections kept per image.
+        min_box_size: boxes narrower or lower than this (px) are dropped before NMS
+            (torchvision: 1e-2; mmdetection: 0, none dropped).
+    """
+
+    score_thresh: float
+    nms_iou: float
+    max_dets: int
+    min_box_size: float = 0.0
+
+    @classmethod
+    def torchvision_default(cls) -> "Postprocess":
+        return cls(score_thresh=0.0, nms_iou=0.5, max_dets=300, min_box_size=1e-2)
+
+    def to_dict(self) -> dict:
+        return {"score_thresh": self.score_thresh, "nms_iou": self.nms_iou, "max_dets": self.max_dets,
+                "min_box_size": self.min_box_size}
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.nms_iou <= 1.0 or self.max_dets < 1 or not 0.0 <= self.score_thresh < 1.0:
+            raise SchemaError(f"detector postprocess {self} is invalid: need 0 < nms_iou <= 1, max_dets >= 1, "
+                              "0 <= score_thresh < 1")
+
+
+@dataclass(frozen=True, kw_only=True)
 class DetectorInfo:
     """The frozen detector that produced the RoIs.
 
@@ -68,6 +102,7 @@ class DetectorInfo:
         levels: feature levels the detector can emit, name → per-RoI shape,
             e.g. ``{"fc": (1024,), "pooled": (256, 7, 7)}``.
         num_classes: ``C`` foreground classes.
+        postprocess: the detector's test-time detection settings (``None`` in older stores).
     """
 
     backend: str
@@ -76,6 +111,7 @@ class DetectorInfo:
     checkpoint_path: str
     levels: dict[str, tuple[int, ...]]
     num_classes: int
+    postprocess: Postprocess | None = None
 
     def __post_init__(self) -> None:
         if not self.backend:
@@ -106,11 +142,14 @@ class DetectorInfo:
             "checkpoint_path": self.checkpoint_path,
             "levels": {k: list(v) for k, v in self.levels.items()},
             "num_classes": self.num_classes,
+            **({"postprocess": self.postprocess.to_dict()} if self.postprocess else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "DetectorInfo":
-        return cls(**{**d, "levels": {k: tuple(v) for k, v in d["levels"].items()}})
+        post = d.get("postprocess")
+        return cls(**{**d, "levels": {k: tuple(v) for k, v in d["levels"].items()},
+                      "postprocess": None if post is None else Postprocess(**post)})
 
 
 @dataclass(frozen=True, kw_only=True)

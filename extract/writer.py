@@ -141,7 +141,8 @@ def _meta(adapter: DetectorAdapter, ckpt: Path, inputs: list[_SplitInput], confi
           rois_per_image: int) -> StoreMeta:
     desc = adapter.describe()
     detector = DetectorInfo(backend=desc["backend"], arch=desc["arch"], checkpoint_sha256=desc["checkpoint_sha256"],
-                            checkpoint_path=str(ckpt), levels=dict(adapter.levels), num_classes=adapter.num_classes)
+                            checkpoint_path=str(ckpt), levels=dict(adapter.levels), num_classes=adapter.num_classes,
+                            postprocess=adapter.postprocess)
     dataset = DatasetInfo(
         splits={s.name: SplitSource(annotation_path=str(s.annset.json_path),
                                     annotation_sha256=sha256_file(s.annset.json_path),

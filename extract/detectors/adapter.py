@@ -49,7 +49,7 @@ class TorchvisionAdapter:
         self.class_agnostic_mask = arch.class_agnostic_mask
         self.default_proposals = arch.rpn_post_nms_top_n_test
         self.postprocess = Postprocess(score_thresh=arch.box_score_thresh, nms_iou=arch.box_nms_thresh,
-                                       max_dets=arch.box_detections_per_img)
+                                       max_dets=arch.box_detections_per_img, min_box_size=1e-2)
 
     @classmethod
     def accepts(cls, payload: object) -> bool:
@@ -106,6 +106,7 @@ class TorchvisionAdapter:
             "mask_size": self.mask_size,
             "class_agnostic_mask": self.arch.class_agnostic_mask,
             "num_classes": self.num_classes,
+            "postprocess": self.postprocess.to_dict(),
         }
 
     # ------------------------------------------------------------------ validation

@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from cache_schema.errors import SchemaError
+from cache_schema.meta import Postprocess  # noqa: F401  (part of the boundary; the store records it)
 
 FEATURE_LEVELS = ("fc", "pooled")
 
@@ -86,26 +87,6 @@ class RoiOutputs:
     def num_proposals(self) -> int:
         """RoIs that came from the RPN (the first ``len - num_gt`` rows)."""
         return int((~self.is_gt).sum())
-
-
-@dataclass(frozen=True, kw_only=True)
-class Postprocess:
-    """The detector's own test-time detection settings (what full and cached evaluation apply).
-
-    Attributes:
-        score_thresh: (RoI, class) pairs scoring at or below this are dropped.
-        nms_iou: IoU of the per-class NMS.
-        max_dets: detections kept per image.
-    """
-
-    score_thresh: float
-    nms_iou: float
-    max_dets: int
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.nms_iou <= 1.0 or self.max_dets < 1 or not 0.0 <= self.score_thresh < 1.0:
-            raise SchemaError(f"detector postprocess {self} is invalid: need 0 < nms_iou <= 1, max_dets >= 1, "
-                              "0 <= score_thresh < 1")
 
 
 #: What :meth:`DetectorAdapter.run` asks the caller for, per image, when it computes masks only
