@@ -93,8 +93,9 @@ def _check_head_fits(categories: tuple[dict, ...], ckpt: Path, head_meta: dict, 
             f"head {head_path} was trained on RoIs of another detector (sha256 {str(store.get('detector_sha256'))[:12]}…, "
             f"this checkpoint {sha[:12]}…); train it on a store extracted with {ckpt}"
         )
-    ids = [int(c["id"]) for c in categories]
-    if store.get("category_ids") is not None and list(store["category_ids"]) != ids:
+    # mmdet checkpoints record class names only (id None); their store was checked by name at extraction.
+    ids = [None if c["id"] is None else int(c["id"]) for c in categories]
+    if store.get("category_ids") is not None and None not in ids and list(store["category_ids"]) != ids:
         raise CheckpointError(f"head {head_path} was trained for another class set than {ckpt}; use a head from this detector's store")
     if spec.num_classes != len(ids):
         raise CheckpointError(f"head {head_path} has {spec.num_classes} classes, detector {ckpt} has {len(ids)}")

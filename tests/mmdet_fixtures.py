@@ -13,12 +13,16 @@ skip with ``pytest.importorskip("mmdet")``. Building a model needs mmcv's ops, s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from mmengine import Config
 
 #: kind -> config file relative to mmdet's bundled ``configs`` directory.
 MMDET_CONFIGS: dict[str, str] = {
@@ -37,6 +41,7 @@ _HEAD_WIDTH_KEYS = ("in_channels", "feat_channels", "out_channels", "conv_out_ch
 # should move a little, not fly off the image), by module name suffix across mmdet heads.
 _SCORE_LAYERS = ("fc_cls", "rpn_cls", "retina_cls", "conv_logits")
 _DELTA_LAYERS = ("fc_reg", "rpn_reg", "retina_reg")
+_TOWERS = ("cls_convs", "reg_convs")  # RetinaNet's stacked head convs (``*.cls_convs.N.conv``)
 
 
 def mmdet_config_dir() -> Path:
@@ -69,7 +74,7 @@ def _innermost_datasets(dataset_cfg: Any) -> Iterator[Any]:
 
 
 def tiny_mmdet_config(kind: str = "mask_rcnn", num_classes: int = 5,
-                      class_names: Sequence[str] | None = None):
+                      class_names: Sequence[str] | None = None) -> Config:
     """A shrunk copy of one of mmdet's bundled configs.
 
     Args:
@@ -89,6 +94,8 @@ def tiny_mmdet_config(kind: str = "mask_rcnn", num_classes: int = 5,
         f"class_{i}" for i in range(num_classes))
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for num_classes={num_classes}")
+    palette = [tuple(int(c) for c in rng_colour) for rng_colour in
+               np.random.default_rng(num_classes).integers(0, 256, size=(num_classes, 3))]
     cfg = Config.fromfile(str(mmdet_config_dir() / MMDET_CONFIGS[kind]))
     model = cfg.model
 
@@ -118,7 +125,8 @@ def tiny_mmdet_config(kind: str = "mask_rcnn", num_classes: int = 5,
         if cfg.get(loader) is None:
             continue
         for dataset in _innermost_datasets(cfg[loader].dataset):
-            dataset["metainfo"] = dict(classes=names)
+            # A palette too: init_detector otherwise warns that it falls back to random colours.
+            dataset["metainfo"] = dict(classes=names, palette=palette)
             for step in dataset.get("pipeline", []):
                 if step.get("type") == "Resize" and loader != "train_dataloader":
                     step["scale"] = TEST_SCALE
@@ -129,28 +137,42 @@ def tiny_mmdet_config(kind: str = "mask_rcnn", num_classes: int = 5,
 
 
 def _perturb_heads(model: torch.nn.Module, seed: int) -> None:
-    """Add seeded noise to score and box-delta layers.
+    """Make a random-init detector's scores and proposals differ from box to box.
 
-    mmdet initialises classifiers with std 0.01 (and zero bias), so on random features every
-    box gets nearly the same logits: ties everywhere, proposals in arbitrary order. Noise at
-    the fan-in scale (``1/sqrt(fan_in)``) makes logits differ by O(1) between boxes and classes.
+    mmdet initialises its head convs and classifiers with std 0.01 (zero bias), so on random
+    features the RPN / RetinaNet towers output almost nothing and every box gets nearly the
+    same logits: ties everywhere, proposals in arbitrary order. So: head towers get a He init
+    (activations keep their scale), score layers get noise at the fan-in scale (logits differ
+    by O(1)), box-delta layers a tenth of that (boxes move a little, not off the image).
     """
     generator = torch.Generator().manual_seed(seed + 7919)  # independent of the init stream
+
+    def noise(shape: torch.Size, std: float) -> torch.Tensor:
+        return torch.randn(shape, generator=generator) * std
+
     with torch.no_grad():
         for name, module in model.named_modules():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf not in _SCORE_LAYERS + _DELTA_LAYERS or not hasattr(module, "weight"):
-                continue
-            gain = 3.0 if leaf in _SCORE_LAYERS else 0.3
-            weight = module.weight
+            parts = name.split(".")
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+                continue  # norms and containers
             fan_in = weight[0].numel()
-            weight.add_(torch.randn(weight.shape, generator=generator) * gain / fan_in ** 0.5)
-            if getattr(module, "bias", None) is not None:
-                module.bias.add_(torch.randn(module.bias.shape, generator=generator) * gain * 0.2)
+            tower = parts[-1] == "rpn_conv" or (len(parts) > 2 and parts[-3] in _TOWERS)
+            if tower:
+                weight.copy_(noise(weight.shape, (2.0 / fan_in) ** 0.5))
+            elif parts[-1] in _SCORE_LAYERS + _DELTA_LAYERS:
+                gain = 3.0 if parts[-1] in _SCORE_LAYERS else 0.3
+                weight.add_(noise(weight.shape, gain / fan_in ** 0.5))
+                if module.bias is not None:
+                    if parts[-1] in _SCORE_LAYERS:
+                        # RetinaNet starts its sigmoid classifier at a 1% prior (bias -4.6),
+                        # which keeps every random-feature score under the 0.05 threshold.
+                        module.bias.zero_()
+                    module.bias.add_(noise(module.bias.shape, gain * 0.2))
 
 
-def save_mmdet_checkpoint(path: str | Path, cfg, *, seed: int = 0, classes: tuple[str, ...],
-                          with_config_text: bool = True) -> Path:
+def save_mmdet_checkpoint(path: str | Path, cfg: Config, *, seed: int = 0,
+                          classes: tuple[str, ...], with_config_text: bool = True) -> Path:
     """Build ``cfg.model``, init it from ``seed`` and save it as an mmengine checkpoint.
 
     The file mirrors what ``mmengine.runner.Runner.save_checkpoint`` writes (minus optimizer,
@@ -170,6 +192,7 @@ def save_mmdet_checkpoint(path: str | Path, cfg, *, seed: int = 0, classes: tupl
     """
     import mmdet
     import mmengine
+    from mmengine.logging import MMLogger
     from mmdet.utils import register_all_modules
 
     from extract.detectors.mmcv_ops import install_standin_ops
@@ -178,9 +201,18 @@ def save_mmdet_checkpoint(path: str | Path, cfg, *, seed: int = 0, classes: tupl
     register_all_modules()
     from mmdet.registry import MODELS
 
-    torch.manual_seed(seed)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
+    # init_weights() logs one INFO record per parameter (hundreds of lines) on mmengine's
+    # current logger; tests only want the weights. fork_rng: seeding leaves callers' RNG alone.
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = MODELS.build(cfg.model)
+            model.init_weights()
+    finally:
+        logger.setLevel(level)
     _perturb_heads(model, seed)
     meta: dict[str, Any] = {
         "dataset_meta": {"classes": tuple(classes)},
@@ -204,7 +236,7 @@ def tiny_images(dir: str | Path, n: int = 4, seed: int = 0,
 
     Args:
         dir: output directory (created). n: number of images. seed: content seed.
-        size: ``(height, width)`` in pixels. suffix: ``".jpg"`` or ``".png"``.
+        size: ``(height, width)`` in pixels. suffix: ``".jpg"`` or ``".png"`` (lossless).
 
     Returns:
         The image paths ``img_000<suffix>``, ... in order.

@@ -84,6 +84,10 @@ class TorchvisionAdapter:
         last), loadable into stock ``torchvision.models.detection.MaskRCNN`` without roicache."""
         return replace_torchvision_classifier(payload, weight=weight, bias=bias)
 
+    def box_regression(self) -> None:
+        """None: this detector's box regression is class-agnostic (``reg_boxes`` serve every class)."""
+        return None
+
     def head_state(self) -> dict[str, np.ndarray]:
         """``fc6``/``fc7``/``cls`` of the box head, float32; torchvision puts background at
         classifier row 0, the store last (mmdet convention), so the rows are rotated ``[1..C, 0]``."""

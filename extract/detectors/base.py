@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from cache_schema.errors import SchemaError
+from cache_schema.head_init import BoxRegression
 from cache_schema.meta import Postprocess  # noqa: F401  (part of the boundary; the store records it)
 
 FEATURE_LEVELS = ("fc", "pooled")
@@ -107,7 +108,8 @@ class DetectorAdapter(Protocol):
         levels: feature level name -> per-RoI shape, e.g. ``{"fc": (256,), "pooled": (64, 7, 7)}``.
         mask_size: side M of the mask logits (0 for a detector without a mask head).
         class_agnostic_mask: one mask per RoI (what the store can hold); else one per class.
-        categories: ``C`` dicts ``{"id", "name"}``; index ``k`` is class ``k``.
+        categories: ``C`` dicts ``{"id", "name"}``; index ``k`` is class ``k``; ``id`` is ``None``
+            when the checkpoint records only names (mmdet): the annotation file supplies the ids.
         default_proposals: RPN proposals the detector keeps per image at test time.
         postprocess: its test-time detection settings.
     """
@@ -131,6 +133,12 @@ class DetectorAdapter(Protocol):
         """The box head's classification path in the store's neutral naming, float32:
         ``fc6.*``, ``fc7.*`` (the two shared fcs) and ``cls.*`` (rows: classes ``0..C-1`` then
         background) — what heads initialised from the detector start from."""
+        ...
+
+    def box_regression(self) -> BoxRegression | None:
+        """The frozen class-specific box regressor the store keeps (so cached evaluation can
+        recompute any (RoI, class) box from the ``fc`` feature), or ``None`` when the detector's
+        box regression is class-agnostic (``RoiOutputs.reg_boxes`` is then every class's box)."""
         ...
 
     def run(

@@ -14,9 +14,9 @@ Nothing on disk is touched; a real compiled ``mmcv._ext`` always wins.
 
 from __future__ import annotations
 
-import importlib
 import importlib.machinery
 import logging
+import struct
 import sys
 import types
 from collections.abc import Callable
@@ -76,12 +76,9 @@ def _nms(bboxes: torch.Tensor, scores: torch.Tensor, *, iou_threshold: float,
          offset: int = 0) -> torch.Tensor:
     """mmcv's ``nms``: greedy NMS.
 
-    Args:
-        bboxes: float ``[N, 4]`` xyxy boxes. scores: float ``[N]``.
-        offset: ``0`` (box width ``x2 - x1``) or ``1`` (mmcv's legacy ``x2 - x1 + 1``).
-
-    Returns:
-        int64 ``[M]`` indices of the kept boxes, highest score first.
+    ``bboxes`` float ``[N, 4]`` xyxy, ``scores`` float ``[N]``; ``offset`` 0 (box width
+    ``x2 - x1``) or 1 (mmcv's legacy ``x2 - x1 + 1``). Returns int64 ``[M]`` kept indices,
+    highest score first.
     """
     if offset not in (0, 1):
         raise CheckpointError(f"mmcv nms offset must be 0 or 1, got {offset!r}")
@@ -90,7 +87,11 @@ def _nms(bboxes: torch.Tensor, scores: torch.Tensor, *, iou_threshold: float,
         # ((x2 + 1) - x1 and min(x2, x2') + 1 - max(x1, x1')), so plain NMS on them is equivalent.
         bboxes = bboxes.clone()
         bboxes[:, 2:] += 1
-    return torchvision.ops.nms(bboxes, scores.to(bboxes.dtype), float(iou_threshold))
+    # mmcv's kernel takes the threshold as a C float and suppresses when IoU > threshold; pass
+    # torchvision (which takes a double) the same float32 value so IoUs exactly at the threshold,
+    # common with integer boxes, are kept exactly as mmcv keeps them.
+    threshold = struct.unpack("f", struct.pack("f", float(iou_threshold)))[0]
+    return torchvision.ops.nms(bboxes, scores.to(bboxes.dtype), threshold)
 
 
 def _module_getattr(name: str) -> Callable[..., NoReturn]:
@@ -144,8 +145,8 @@ def install_standin_ops() -> bool:
         importlib.import_module(_MODULE)
         return False
     except (ImportError, OSError) as error:
-        # ImportError: mmcv-lite (no extension); OSError/ImportError: an extension built for another
-        # torch/CUDA. Either way the compiled ops are unusable and the stand-in is the fallback.
+        # mmcv-lite (no extension) or an extension built for another torch/CUDA (ImportError /
+        # OSError): either way the compiled ops are unusable and the stand-in is the fallback.
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     module = _build_module()
     sys.modules[_MODULE] = module

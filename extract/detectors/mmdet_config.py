@@ -1,0 +1,134 @@
+"""mmdetection checkpoints: recognise them, find their config, check the model is one roicache reads.
+
+Imports of mmdet/mmengine happen inside the functions: the ``mmdet`` extra is optional, and
+``roicache`` without it must still recognise an mmdet checkpoint and say how to install the extra.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cache_schema.errors import CheckpointError, ConfigError
+
+#: RoI heads with one box head (Faster / Mask R-CNN) — what the adapter reads.
+SINGLE_STAGE_ROI_HEADS = ("StandardRoIHead",)
+#: Multi-stage RoI heads (one classifier per stage); not read yet.
+CASCADE_ROI_HEADS = ("CascadeRoIHead", "HybridTaskCascadeRoIHead", "SCNetRoIHead")
+#: Box heads whose classifier reads the shared fcs' output directly (fc → cls is one layer).
+SHARED_FC_BBOX_HEADS = ("Shared2FCBBoxHead", "ConvFCBBoxHead")
+
+
+def is_mmdet_checkpoint(payload: object) -> bool:
+    """An mmengine / mmdet checkpoint: a dict with a ``state_dict`` of a detector's parts and no
+    roicache ``format`` tag."""
+    if not isinstance(payload, dict) or "format" in payload or not isinstance(payload.get("state_dict"), dict):
+        return False
+    return any(str(k).startswith(("backbone.", "roi_head.", "rpn_head.", "bbox_head.", "module.backbone."))
+               for k in payload["state_dict"])
+
+
+def require_mmdet() -> None:
+    """Import mmdet (with mmcv's ops available) or fail with how to install it."""
+    try:
+        import mmengine  # noqa: F401
+        import mmdet  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"this is an mmdetection checkpoint but mmdet is not installed ({exc}); "
+                          "install the extra: pip install 'roicache[mmdet]'") from None
+    from extract.detectors.mmcv_ops import install_standin_ops
+
+    install_standin_ops()
+    from mmdet.utils import register_all_modules
+
+    register_all_modules(init_default_scope=True)
+
+
+def bundled_config_path(name: str) -> Path | None:
+    """The path of mmdet's own bundled config ``name`` (with or without ``.py``), if it exists."""
+    import mmdet
+
+    root = Path(mmdet.__file__).parent / ".mim" / "configs"
+    stem = name[:-3] if name.endswith(".py") else name
+    hits = sorted(root.rglob(f"{stem}.py"))
+    return hits[0] if hits else None
+
+
+def resolve_config(payload: dict, config: str | None, *, path: Path) -> tuple[Any, str]:
+    """The model's mmengine ``Config`` and where it came from.
+
+    Order: ``config`` as a file, then as a bundled mmdet config name; without ``config``, the
+    config text the checkpoint carries (mmengine ``meta.cfg``, mmdet 2.x ``meta.config``).
+    """
+    from mmengine.config import Config
+
+    if config is not None:
+        if Path(config).is_file():
+            return _parse(lambda: Config.fromfile(config), config), f"file:{config}"
+        bundled = bundled_config_path(config)
+        if bundled is None:
+            raise ConfigError(f"--config {config!r} is neither a file nor a config bundled with mmdet "
+                              "(e.g. mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1); check the name or the path")
+        return _parse(lambda: Config.fromfile(str(bundled)), config), f"mmdet:{bundled.stem}"
+    meta = payload.get("meta") or {}
+    text = meta.get("cfg") or meta.get("config")
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"{path} carries no config; pass --config with the model's config file or a bundled "
+                          "mmdet config name")
+    return _parse(lambda: Config.fromstring(text, file_format=".py"), f"{path} meta"), "checkpoint"
+
+
+def _parse(load, where: str):
+    try:
+        return load()
+    except Exception as exc:  # noqa: BLE001 - mmengine raises many types for bad config text
+        raise ConfigError(f"config {where} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                          "give a valid mmdet config") from None
+
+
+def check_two_stage(cfg: Any) -> None:
+    """Refuse, with one line, a model whose classifier is not one shared-fc box head."""
+    model = cfg.model
+    roi_head = model.get("roi_head")
+    if roi_head is None or model.get("rpn_head") is None:
+        raise ConfigError(f"{model.get('type')} is a one-stage detector: it has no second-stage RoI classifier "
+                          "to cache; use a two-stage model (Faster / Mask R-CNN)")
+    kind = roi_head.get("type")
+    if kind in CASCADE_ROI_HEADS:
+        raise ConfigError(f"{kind} (Cascade R-CNN / HTC) has one classifier per stage; roicache reads "
+                          "single-stage RoI heads (StandardRoIHead) so far")
+    if kind not in SINGLE_STAGE_ROI_HEADS:
+        raise ConfigError(f"RoI head {kind} is not supported; roicache reads {', '.join(SINGLE_STAGE_ROI_HEADS)}")
+    bbox = roi_head.get("bbox_head", {})
+    if bbox.get("type") not in SHARED_FC_BBOX_HEADS:
+        raise ConfigError(f"box head {bbox.get('type')} is not supported; roicache reads "
+                          f"{', '.join(SHARED_FC_BBOX_HEADS)} (fc features feeding fc_cls directly)")
+
+
+def class_names(payload: dict) -> tuple[str, ...] | None:
+    """Class names the checkpoint records (mmengine ``dataset_meta.classes``, 2.x ``CLASSES``)."""
+    meta = payload.get("meta") or {}
+    names = (meta.get("dataset_meta") or {}).get("classes") or meta.get("CLASSES")
+    return None if names is None else tuple(str(n) for n in names)
+
+
+def state_dict_of(payload: dict) -> dict:
+    """The model weights, with a DataParallel ``module.`` prefix removed (as mmengine does)."""
+    state = payload["state_dict"]
+    return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def load_weights(model, payload: dict, *, source: str, path: Path) -> None:
+    """Load the checkpoint's weights strictly: a config that does not match is refused."""
+    import torch
+
+    state = state_dict_of(payload)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        text = " ".join(str(exc).split())
+        detail = text[text.find("Missing") if "Missing" in text else 0:][:220]
+        raise CheckpointError(f"config ({source}) does not match checkpoint {path}: {detail}; "
+                              "pass the config the checkpoint was trained with (--config)") from None
+    if not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{path}: state_dict holds non-tensor values; re-save the checkpoint")

@@ -1,0 +1,232 @@
+"""The mmdetection backend: a small real mmdet Mask R-CNN (mmdet's own LVIS config, shrunk, random
+init) saved as an mmengine checkpoint, read through the same detector boundary as torchvision's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mmdet")
+pytest.importorskip("mmengine")
+
+from cache_schema import open_store  # noqa: E402
+from cache_schema.errors import ConfigError, DatasetError  # noqa: E402
+from cache_schema.head_init import read_box_regression, read_head_weights  # noqa: E402
+from extract.datasets.images import read_rgb  # noqa: E402
+from extract.detectors.backends import load_adapter, read_checkpoint  # noqa: E402
+from extract.detectors.base import DetectorAdapter  # noqa: E402
+from extract.writer import ExtractConfig, extract  # noqa: E402
+from tests.mmdet_fixtures import save_mmdet_checkpoint, tiny_mmdet_config  # noqa: E402
+
+EXTRACT = ExtractConfig(levels=("pooled", "fc"), rois_per_image=30, batch_size=4, device="cpu", threads=1)
+
+
+def _class_names(data: Path) -> tuple[str, ...]:
+    cats = json.loads((data / "val.json").read_text())["categories"]
+    return tuple(c["name"] for c in sorted(cats, key=lambda c: c["id"]))
+
+
+@pytest.fixture(scope="module")
+def mm_ckpt(tiny_data, tmp_path_factory) -> Path:
+    names = _class_names(tiny_data)
+    cfg = tiny_mmdet_config("mask_rcnn", num_classes=len(names))
+    return save_mmdet_checkpoint(tmp_path_factory.mktemp("mmdet") / "mask_rcnn.pth", cfg, seed=0, classes=names)
+
+
+@pytest.fixture(scope="module")
+def adapter(mm_ckpt):
+    return load_adapter(mm_ckpt, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def mm_store(mm_ckpt, tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mm_store") / "store.zarr"
+    extract(ckpt=mm_ckpt, data=tiny_data, out=str(out), config=EXTRACT, progress=False)
+    return out
+
+
+def _val_images(data: Path, n: int) -> list[Path]:
+    val = json.loads((data / "val.json").read_text())
+    return [data / im["file_name"] for im in val["images"][:n]]
+
+
+def test_protocol_levels_and_postprocess(adapter):
+    assert isinstance(adapter, DetectorAdapter) and adapter.backend == "mmdet"
+    assert adapter.levels == {"fc": (64,), "pooled": (32, 7, 7)}
+    cfg = adapter.cfg.model.test_cfg
+    # The LVIS config's own test settings: score_thr 1e-4, NMS 0.5, and (shrunk) max_per_img.
+    assert adapter.postprocess.score_thresh == pytest.approx(cfg.rcnn.score_thr) == pytest.approx(1e-4)
+    assert adapter.postprocess.nms_iou == 0.5 and adapter.postprocess.max_dets == cfg.rcnn.max_per_img
+    assert adapter.default_proposals == cfg.rpn.max_per_img
+    assert not adapter.class_agnostic_mask and not adapter.class_agnostic_box
+
+
+def test_rois_reproduce_the_models_own_predictions(adapter, tiny_data):
+    """Softmax of the adapter's logits over its per-class boxes, then mmdet's multiclass NMS,
+    gives exactly what mmdet's own ``inference_detector`` returns for the image file."""
+    from mmdet.apis import inference_detector
+    from mmdet.models.layers import multiclass_nms
+
+    post = adapter.postprocess
+    for path in _val_images(tiny_data, 3):
+        out = adapter.run([read_rgb(path)], gt_boxes=None, levels=("fc",), max_proposals=adapter.default_proposals,
+                          with_masks=False)[0]
+        scores = torch.softmax(torch.from_numpy(out.logits), dim=1)
+        dets, labels = multiclass_nms(torch.from_numpy(out.class_boxes).reshape(len(out), -1), scores,
+                                      post.score_thresh, {"type": "nms", "iou_threshold": post.nms_iou}, post.max_dets)
+        ref = inference_detector(adapter.model, str(path)).pred_instances
+        assert len(ref) > 0
+        torch.testing.assert_close(dets[:, :4], ref.bboxes, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(dets[:, 4], ref.scores, atol=1e-6, rtol=1e-5)
+        assert torch.equal(labels, ref.labels)
+
+
+def test_store_features_equal_the_models_modules_on_the_stored_boxes(adapter, mm_store, tiny_data):
+    from mmdet.structures.bbox import bbox2roi
+
+    store = open_store(str(mm_store))
+    split = store.split("train")
+    roiset = split.load(level="pooled", columns=("boxes", "logits"))
+    fc = split.load(level="fc").features
+    head = adapter.model.roi_head
+    for j in range(2):
+        rows = roiset.rows_of(j)
+        position = int(roiset.images[j])
+        img = read_rgb(Path(store.meta.dataset.splits["train"].image_root) / split.file_names[position])
+        packed = adapter._pipeline({"img": np.ascontiguousarray(img[..., ::-1]), "img_id": 0})
+        data = adapter.model.data_preprocessor({"inputs": [packed["inputs"]], "data_samples": [packed["data_samples"]]})
+        scale = torch.tensor(packed["data_samples"].metainfo["scale_factor"], dtype=torch.float32).repeat(2)
+        boxes = torch.as_tensor(roiset.boxes[rows]).float() * scale
+        with torch.no_grad():
+            feats = adapter.model.extract_feat(data["inputs"])
+            pooled = head.bbox_roi_extractor(feats[: head.bbox_roi_extractor.num_inputs], bbox2roi([boxes]))
+            logits, _ = head.bbox_head(pooled)
+        # The store keeps float16 features: equal up to that rounding.
+        torch.testing.assert_close(roiset.features[rows].float(), pooled, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(roiset.logits[rows].float(), logits, atol=2e-3, rtol=2e-3)
+        x = pooled.flatten(1)
+        for layer in head.bbox_head.shared_fcs:
+            x = torch.relu(layer(x))
+        torch.testing.assert_close(fc[rows].float(), x, atol=2e-3, rtol=2e-3)
+
+
+def test_store_records_the_regressor_head_and_postprocess(adapter, mm_store):
+    store = open_store(str(mm_store))
+    assert store.meta.detector.backend == "mmdet"
+    assert store.meta.detector.postprocess == adapter.postprocess
+    reg = read_box_regression(store)
+    np.testing.assert_array_equal(reg.weight, adapter.bbox_head.fc_reg.weight.detach().numpy())
+    assert reg.stds == tuple(adapter.bbox_head.bbox_coder.stds)
+    head = read_head_weights(store)
+    np.testing.assert_array_equal(head["cls.weight"], adapter.bbox_head.fc_cls.weight.detach().numpy())
+    np.testing.assert_array_equal(head["fc7.bias"], adapter.bbox_head.shared_fcs[1].bias.detach().numpy())
+    # The class-specific mask head cannot be stored per RoI: val keeps no mask logits.
+    assert not store.split("val").with_masks
+
+
+def test_replace_injected_checkpoint_loads_in_mmdet_with_the_new_classifier(mm_ckpt, tmp_path):
+    from mmdet.apis import init_detector
+
+    payload = read_checkpoint(mm_ckpt)
+    backend = type(load_adapter(mm_ckpt, payload=payload))
+    w = torch.randn_like(payload["state_dict"]["roi_head.bbox_head.fc_cls.weight"])
+    b = torch.randn_like(payload["state_dict"]["roi_head.bbox_head.fc_cls.bias"])
+    out = tmp_path / "replaced.pth"
+    torch.save(backend.replace_classifier(payload, weight=w, bias=b), out)
+    model = init_detector(load_adapter(mm_ckpt).cfg, str(out), device="cpu")
+    assert torch.equal(model.roi_head.bbox_head.fc_cls.weight, w)
+    assert torch.equal(model.roi_head.bbox_head.fc_cls.bias, b)
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("retinanet", "is a one-stage detector"),
+    ("cascade_mask_rcnn", "has one classifier per stage"),
+])
+def test_unsupported_models_are_refused(kind, message, tiny_data, tmp_path):
+    names = _class_names(tiny_data)
+    ckpt = save_mmdet_checkpoint(tmp_path / f"{kind}.pth", tiny_mmdet_config(kind, num_classes=len(names)),
+                                 classes=names)
+    with pytest.raises(ConfigError, match=message):
+        load_adapter(ckpt)
+
+
+def test_a_config_that_does_not_match_is_refused(mm_ckpt):
+    from cache_schema.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="does not match checkpoint"):
+        load_adapter(mm_ckpt, config="faster-rcnn_r50_fpn_1x_coco")
+    with pytest.raises(ConfigError, match="neither a file nor a config bundled"):
+        load_adapter(mm_ckpt, config="no-such-config")
+
+
+def test_classes_that_disagree_with_the_annotation_file_are_refused(tiny_data, tmp_path):
+    names = list(_class_names(tiny_data))
+    names[2] = "not_" + names[2]
+    ckpt = save_mmdet_checkpoint(tmp_path / "other.pth", tiny_mmdet_config("mask_rcnn", num_classes=len(names)),
+                                 classes=tuple(names))
+    with pytest.raises(DatasetError, match="class 2 is"):
+        extract(ckpt=ckpt, data=tiny_data, out=str(tmp_path / "s.zarr"), config=EXTRACT, progress=False)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_model_needing_a_missing_compiled_op_is_refused_before_writing(tiny_data, tmp_path):
+    from extract.detectors.mmcv_ops import install_standin_ops, standin_active
+
+    install_standin_ops()
+    if not standin_active():
+        pytest.skip("full mmcv installed: every compiled op is available")
+    from cache_schema.errors import CheckpointError
+
+    names = _class_names(tiny_data)
+    cfg = tiny_mmdet_config("mask_rcnn", num_classes=len(names))
+    # RoIPool instead of RoIAlign: mmcv-lite has no compiled roi_pool.
+    cfg.model.roi_head.bbox_roi_extractor.roi_layer = {"type": "RoIPool", "output_size": 7}
+    ckpt = save_mmdet_checkpoint(tmp_path / "roipool.pth", cfg, classes=names)
+    with pytest.raises(CheckpointError, match="roi_pool_forward"):
+        extract(ckpt=ckpt, data=tiny_data, out=str(tmp_path / "s.zarr"), config=EXTRACT, progress=False)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_cli_pipeline_extract_train_inject(mm_ckpt, tiny_data, tmp_path):
+    """extract → heads train (lastfc, bi-level) → serve inject --combine replace, through the
+    console commands, on the mmdet checkpoint; the injected fc_cls is the trained head's."""
+    from typer.testing import CliRunner
+
+    from extract.cli import app as extract_app
+    from heads.cli import app as heads_app
+    from heads.models import load_head
+    from serve.cli import app as serve_app
+
+    runner = CliRunner()
+    store, run, out = tmp_path / "s.zarr", tmp_path / "run", tmp_path / "replaced.pth"
+    r = runner.invoke(extract_app, ["--ckpt", str(mm_ckpt), "--data", str(tiny_data), "--out", str(store),
+                                    "--levels", "fc", "--rois-per-image", "30", "--threads", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(heads_app, ["train", "--cache", str(store), "--out", str(run), "--head", "lastfc",
+                                  "--steps", "20", "--milestones", "15", "--seed", "3", "--no-eval", "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(serve_app, ["inject", "--ckpt", str(mm_ckpt), "--head", str(run), "--combine", "replace",
+                                  "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    head, _, _ = load_head(run / "head.pt")
+    state = torch.load(out, map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.equal(state["roi_head.bbox_head.fc_cls.weight"], head.cls.weight.detach().cpu())
+    original = read_checkpoint(mm_ckpt)["state_dict"]
+    assert not torch.equal(state["roi_head.bbox_head.fc_cls.weight"], original["roi_head.bbox_head.fc_cls.weight"])
+    assert all(torch.equal(state[k], v) for k, v in original.items() if "fc_cls" not in k)
+
+
+def test_cli_errors_are_one_line(mm_ckpt, tiny_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from extract.cli import app as extract_app
+
+    r = CliRunner().invoke(extract_app, ["--ckpt", str(mm_ckpt), "--data", str(tiny_data), "--out",
+                                         str(tmp_path / "s.zarr"), "--config", "no-such-config", "--quiet"])
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no-such-config" in lines[0]
