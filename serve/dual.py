@@ -52,6 +52,12 @@ class DualHeadDetector:
         self.device = device
         payload = read_checkpoint(self.path)
         self.adapter = load_adapter(self.path, device=device, config=config, payload=payload)
+        if self.adapter.box_regression() is not None or (self.adapter.mask_size and not self.adapter.class_agnostic_mask):
+            # Full inference pastes one mask per RoI and boxes from reg_boxes: exact only for
+            # class-agnostic box and mask heads.
+            raise ConfigError(f"{self.path}: full evaluation of detectors with class-specific boxes or masks "
+                              f"({self.adapter.backend}) is not supported yet; `heads eval` gives their box AP from "
+                              "the cache, and mmdet's own test loop their mask AP")
         self.category_ids = tuple(int(c["id"]) for c in self.adapter.categories)
         self.calibration: Calibration | None = read_calibration(payload)
         self.head = None

@@ -230,3 +230,16 @@ def test_cli_errors_are_one_line(mm_ckpt, tiny_data, tmp_path):
     assert r.exit_code == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "no-such-config" in lines[0]
+
+
+def test_full_serve_eval_of_an_mmdet_checkpoint_is_refused_with_one_line(mm_ckpt, tiny_data, tmp_path):
+    """Not built yet (class-specific boxes and masks in full inference): a clear refusal, no traceback."""
+    from typer.testing import CliRunner
+
+    from serve.cli import app as serve_app
+
+    r = CliRunner().invoke(serve_app, ["eval", "--ckpt", str(mm_ckpt), "--data", str(tiny_data), "--out",
+                                       str(tmp_path / "eval"), "--quiet"])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not supported yet" in lines[0]
