@@ -243,3 +243,21 @@ def test_full_serve_eval_of_an_mmdet_checkpoint_is_refused_with_one_line(mm_ckpt
     assert r.exit_code == 2, r.output
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "not supported yet" in lines[0]
+
+
+def test_online_calibration_through_the_mmdet_model_draws_what_the_cache_gives(mm_ckpt, mm_store, tmp_path):
+    """`serve calibrate-online` runs the mmdet model through the same boundary: same batches and,
+    up to the store's float16 rounding, the same losses as training from the cache."""
+    from heads.config import load_config
+    from heads.pipeline import train_from_store
+    from serve.online import calibrate_online
+
+    cfg = load_config(None, {"schedule.max_steps": 6, "schedule.milestones": "5", "sampler.classes_per_batch": 3,
+                             "run.seed": 1, "run.log_interval": 2, "run.device": "cpu", "head.name": "lastfc"})
+    cached = train_from_store(cache=str(mm_store), config=cfg, out_dir=tmp_path / "cached", progress=False)
+    online = calibrate_online(ckpt=mm_ckpt, cache=str(mm_store), config=cfg, out_dir=tmp_path / "online",
+                              progress=False)
+    a, b = ([json.loads(line) for line in (r.out_dir / "log.jsonl").read_text().splitlines()] for r in (cached, online))
+    assert [r["rois_per_step"] for r in a] == [r["rois_per_step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-3)
