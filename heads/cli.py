@@ -11,7 +11,7 @@ from cache_schema.cli_support import friendly_errors
 from heads.combine import CombineConfig
 from heads.config import load_config
 from heads.evaluation import BinSpec, format_table
-from heads.pipeline import evaluate_from_store, train_from_store
+from heads.pipeline import EvalOutcome, evaluate_from_store, train_from_store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -23,6 +23,13 @@ def _overrides(**flags) -> dict:
 
 def _bins(name: str) -> BinSpec:
     return BinSpec.preset(name)
+
+
+def _print_outcome(console: Console, outcome: EvalOutcome) -> None:
+    """The AP table, then once what holds for every row (e.g. box AP only)."""
+    console.print(format_table(outcome.rows))
+    for note in outcome.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
 
 
 @app.command("train")
@@ -59,7 +66,7 @@ def train(
     if evaluate:
         outcome = evaluate_from_store(cache=cache, head=out, combines=("orig", "cal-only", "sel"), T=T,
                                       out_dir=out / "eval", progress=not quiet)
-        console.print(format_table(outcome.rows))
+        _print_outcome(console, outcome)
 
 
 @app.command("eval")
@@ -82,7 +89,7 @@ def evaluate(
     outcome = evaluate_from_store(cache=cache, head=head, combines=combines, T=T, out_dir=out, bins=_bins(bins),
                                   device=device, combine_config=CombineConfig(T=T, boundary=boundary),
                                   progress=not quiet, evaluator=evaluator)
-    Console().print(format_table(outcome.rows))
+    _print_outcome(Console(), outcome)
 
 
 def main() -> None:

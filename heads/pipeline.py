@@ -14,7 +14,8 @@ import torch
 
 from cache_schema import Store, open_store
 from cache_schema.errors import CheckpointError, ConfigError, SchemaError
-from cache_schema.head_init import read_head_weights
+from cache_schema.head_init import read_box_regression, read_head_weights
+from cache_schema.meta import Postprocess
 from cache_schema.records import RoiSet
 from cache_schema.runtime import pick_device, sha256_file
 from heads.combine import RULES, CombineConfig
@@ -31,6 +32,17 @@ from heads.train import TrainResult, train_head
 FROM_DETECTOR = ("3fc_ft", "last2fc", "lastfc")
 #: Columns cached evaluation reads from the val split (plus mask logits or mask overlaps).
 EVAL_COLUMNS = ("logits", "reg_boxes")
+#: ... when box regression is class-specific: the proposals each class's box is decoded from
+#: (``reg_boxes`` holds the top class's box only), with the :data:`BOX_LEVEL` features.
+CLASS_BOX_COLUMNS = ("logits", "boxes")
+#: The feature level a class-specific box regressor reads.
+BOX_LEVEL = "fc"
+#: Detections per image of cached evaluation: LVIS's protocol, as ``serve eval`` (not the
+#: detector's own ``max_dets``, so that both evaluations of a detector count the same detections).
+MAX_DETS = 300
+CLASS_BOX_NOTE = "boxes: class-specific, each (RoI, class) box decoded from the val fc features and the detector's regressor"
+MASK_NOTE = ("box AP only: this detector's mask head is class-specific (or absent), so the store keeps no val mask "
+             "logits; mask AP needs full inference (`serve eval`, or the detector's own test loop)")
 #: ``heads eval --evaluator`` choices.
 EVALUATORS = ("auto", "fast", "lvis-api")
 
@@ -134,29 +146,67 @@ def score_rois(loaded: LoadedHead, features: torch.Tensor, *, device: torch.devi
     return torch.cat(out) if out else torch.zeros(0, loaded.spec.num_classes + 1)
 
 
-def val_split_for_eval(store: Store, level: str | None, *, overlaps: bool = False) -> RoiSet:
+def val_split_for_eval(store: Store, level: str | None, *, overlaps: bool = False, class_boxes: bool = False) -> RoiSet:
     """The val RoIs cached evaluation reads: with ``overlaps`` the mask areas and intersections
-    (array evaluation), else the mask logits (pasted for the LVIS API)."""
+    (array evaluation), else the mask logits (pasted for the LVIS API); with ``class_boxes``
+    the proposals (:data:`CLASS_BOX_COLUMNS`) instead of the class-agnostic ``reg_boxes``."""
     if "val" not in store.splits:
         raise SchemaError(f"store {store.path} has no val split; extract it with --splits train,val")
     split = store.split("val")
     masks = ("mask_area", "mask_inter") if overlaps else ("mask_logits",) if split.with_masks else ()
-    return split.load(level=level, columns=EVAL_COLUMNS + masks)
+    return split.load(level=level, columns=(CLASS_BOX_COLUMNS if class_boxes else EVAL_COLUMNS) + masks)
+
+
+def box_features_for_eval(store: Store, val: RoiSet, level: str | None) -> torch.Tensor:
+    """float16 ``[N, D]`` :data:`BOX_LEVEL` features of ``val``'s rows (the class-specific box
+    regressor's input): ``val.features`` when ``level`` is that level, else read for its images."""
+    if level == BOX_LEVEL:
+        return val.features
+    return store.split("val").load(level=BOX_LEVEL, images=val.images.numpy()).features
+
+
+def eval_postprocess(store: Store) -> Postprocess:
+    """The detector's test-time detection settings the store records (torchvision's defaults for
+    stores made before they were recorded)."""
+    return store.meta.detector.postprocess or Postprocess.torchvision_default()
+
+
+def _store_notes(store: Store, class_specific: bool) -> tuple[str, ...]:
+    """What every row's metrics (and the console) should say about how this store is evaluated."""
+    notes = []
+    if class_specific:
+        notes.append(CLASS_BOX_NOTE)
+        if not store.split("val").with_masks:
+            notes.append(MASK_NOTE)
+    post, default = store.meta.detector.postprocess, Postprocess.torchvision_default()
+    used = ("score_thresh", "nms_iou", "min_box_size")  # max_dets: MAX_DETS, whatever the detector's
+    if post is not None and any(getattr(post, k) != getattr(default, k) for k in used):
+        size = f"boxes under {post.min_box_size:g} px dropped" if post.min_box_size > 0 else "no box size filter"
+        notes.append(f"detection settings: the detector's own (score > {post.score_thresh:g}, NMS IoU {post.nms_iou:g}, "
+                     f"{size}; {MAX_DETS} per image as LVIS)")
+    return tuple(notes)
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvalOutcome:
+    """Metrics per rule; ``notes``: what holds for every row (shown once on the console)."""
+
     rows: dict[str, Metrics]
     out_dir: Path | None
+    notes: tuple[str, ...] = ()
 
 
-def _fast_ground_truth(store: Store, gt_json: Path, evaluator: str, image_ids: list[int]) -> tuple[GtArrays | None, str]:
+def _fast_ground_truth(store: Store, gt_json: Path, evaluator: str, image_ids: list[int], *,
+                       class_specific: bool = False) -> tuple[GtArrays | None, str]:
     """The ground truth for array evaluation, or None and why the LVIS API has to be used."""
     if evaluator == "lvis-api":
         return None, "evaluator: lvis-api (asked for)"
     split = store.split("val")
     reason = ""
-    if split.with_masks and not split.mask_overlaps:
+    if class_specific and split.with_masks:
+        reason = ("the stored mask overlaps are of each RoI's top-class box, class-specific detections need their "
+                  "masks pasted into their own boxes")
+    elif split.with_masks and not split.mask_overlaps:
         reason = "the store has no mask overlaps (extracted before they were added); re-extract val for fast evaluation"
     elif sha256_file(gt_json) != store.meta.dataset.splits["val"].annotation_sha256:
         reason = f"{gt_json} changed since extraction, so the stored mask overlaps may not match it; re-extract val"
@@ -182,6 +232,12 @@ def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, .
     ``evaluator``: ``fast`` evaluates arrays with LVISEval's exact rules and the store's mask
     overlaps (:mod:`heads.evaluation.fast_lvis`, equal to the LVIS API, tested); ``lvis-api``
     pastes masks and runs the official API; ``auto`` takes ``fast`` when the store allows it.
+
+    Detections follow the detector's recorded test-time settings (:func:`eval_postprocess`),
+    :data:`MAX_DETS` per image. A store with a class-specific box regressor
+    (``cache_schema.head_init.read_box_regression``) gets each (RoI, class) pair's own box,
+    decoded from the val ``fc`` level; without val mask logits it is evaluated for box AP only
+    (:data:`MASK_NOTE`).
     """
     unknown = [c for c in combines if c not in RULES]
     if unknown:
@@ -199,34 +255,48 @@ def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, .
     if not gt_json.is_file():
         raise SchemaError(f"the val annotation file {gt_json} recorded in the store is gone; restore it or re-extract")
     level = loaded.meta.get("level", level_for_head(loaded.spec.name)) if loaded else None
+    reg = read_box_regression(store)
+    if reg is not None and BOX_LEVEL not in split.levels:
+        raise SchemaError(
+            f"store {store.path}: this detector's box regression is class-specific, so cached evaluation decodes each "
+            f"class's box from the val '{BOX_LEVEL}' level, which the store lacks; re-extract with "
+            f"--levels {','.join((BOX_LEVEL, *split.levels))}")
     image_ids = evaluated_image_ids_of(split)
-    fast_gt, note = _fast_ground_truth(store, gt_json, evaluator, image_ids)
-    val = val_split_for_eval(store, level, overlaps=fast_gt is not None and split.mask_overlaps > 0)
+    fast_gt, note = _fast_ground_truth(store, gt_json, evaluator, image_ids, class_specific=reg is not None)
+    val_level = level if level is not None or reg is None else BOX_LEVEL  # no head: read fc for the boxes
+    val = val_split_for_eval(store, val_level, overlaps=fast_gt is not None and split.mask_overlaps > 0,
+                             class_boxes=reg is not None)
     probs = score_rois(loaded, val.features, device=pick_device(device)) if loaded else None
     config = replace(combine_config or CombineConfig(), T=float(T))
+    post = eval_postprocess(store)
+    store_notes = _store_notes(store, reg is not None)
     tables = dict(roiset=val, class_info=store.classes, image_ids=split.image_ids, image_sizes=split.image_sizes)
-    args = dict(tables, cal_probs=probs, config=config, progress=progress)
+    args = dict(tables, cal_probs=probs, config=config, progress=progress, score_thresh=post.score_thresh,
+                nms_iou=post.nms_iou, min_box_size=post.min_box_size, max_dets=MAX_DETS, box_regression=reg,
+                box_features=box_features_for_eval(store, val, val_level) if reg is not None else None)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     if fast_gt is not None:
-        rows = {name: _evaluate_rule_fast(fast_gt, detect_cached_arrays(combine=name, **args), tables, name, bins, note,
-                                          out_dir) for name in combines}
+        rows = {name: _evaluate_rule_fast(fast_gt, detect_cached_arrays(combine=name, **args), tables, name, bins,
+                                          (note, *store_notes), out_dir) for name in combines}
     else:
         # Each rule's LVIS evaluation runs in a worker process while the next rule's detections
-        # are assembled here.
-        with LvisEvaluator(gt_json=gt_json, bins=bins, image_ids=image_ids) as lvis:
+        # are assembled here. Without val masks a class-specific store is evaluated for boxes only.
+        iou_types = ("bbox",) if MASK_NOTE in store_notes else ("segm", "bbox")
+        with LvisEvaluator(gt_json=gt_json, bins=bins, image_ids=image_ids, iou_types=iou_types,
+                           max_dets=MAX_DETS) as lvis:
             for name in combines:
                 results = cached_results(dets=detect_cached_arrays(combine=name, **args), **tables)
                 lvis.submit(name, results)
                 if out_dir is not None:
                     write_results(out_dir / f"results_{name}.json", results)
-            rows = {name: replace(m, notes=m.notes + (note,)) for name, m in lvis.gather().items()}
+            rows = {name: replace(m, notes=m.notes + (note, *store_notes)) for name, m in lvis.gather().items()}
     if out_dir is not None:
         for name, metrics in rows.items():
             write_metrics(out_dir / f"metrics_{name}.json", metrics)
         summary = {name: m.to_dict() for name, m in rows.items()}
         (out_dir / "eval_summary.json").write_text(json.dumps({"T": T, "rows": summary}, indent=1))
-    return EvalOutcome(rows=rows, out_dir=out_dir)
+    return EvalOutcome(rows=rows, out_dir=out_dir, notes=store_notes)
 
 
 def evaluated_image_ids_of(split) -> list[int]:
@@ -235,15 +305,16 @@ def evaluated_image_ids_of(split) -> list[int]:
     return [int(split.image_ids[p]) for p in sel]
 
 
-def _evaluate_rule_fast(gt: GtArrays, dets: list, tables: dict, name: str, bins: BinSpec | None, note: str,
-                        out_dir: Path | None) -> Metrics:
+def _evaluate_rule_fast(gt: GtArrays, dets: list, tables: dict, name: str, bins: BinSpec | None,
+                        notes: tuple[str, ...], out_dir: Path | None) -> Metrics:
     """One rule's detections (``dets``, per image of ``tables["roiset"]``) by the array evaluator."""
     val, classes = tables["roiset"], tables["class_info"]
     image_ids = [int(tables["image_ids"][p]) for p in val.images.numpy()]
     arrays = det_arrays(dets=dets, image_ids=image_ids, category_ids=classes.category_ids,
                         row_offsets=val.image_offsets[:-1].tolist(), mask_area=val.mask_area, mask_inter=val.mask_inter)
     iou_types = ("segm", "bbox") if val.mask_inter is not None else ("bbox",)
-    notes = (note,) if iou_types == ("segm", "bbox") else (note, "segm not evaluated: the store keeps no masks")
+    if iou_types == ("bbox",) and MASK_NOTE not in notes:
+        notes = notes + ("segm not evaluated: the store keeps no masks",)
     if out_dir is not None:  # boxes only: this RoiSet has no mask logits, the masks are never pasted
         write_results(out_dir / f"results_{name}.json", cached_results(dets=dets, **tables))
-    return evaluate_fast(gt=gt, dets=arrays, iou_types=iou_types, bins=bins, notes=notes)
+    return evaluate_fast(gt=gt, dets=arrays, iou_types=iou_types, bins=bins, max_dets=MAX_DETS, notes=notes)

@@ -2,10 +2,12 @@
 
 Modules: ``compat`` (lvis 0.5.3 fixes), ``metrics`` (BinSpec, Metrics, tables, files),
 ``lvis_eval`` (evaluate_lvis, LvisEvaluator: several result sets in parallel processes), ``detections`` (per-image detections, ``det`` merging), ``masks`` (pasting, RLE),
-``cached`` (evaluate heads from the cache alone).
+``cached`` (evaluate heads from the cache alone), ``class_boxes`` / ``class_select`` (boxes of
+detectors whose regression is class-specific, decoded per (RoI, class) on demand).
 """
 
 from heads.evaluation.cached import cached_results, detect_cached_arrays, evaluate_cached, evaluated_image_ids
+from heads.evaluation.class_boxes import BoxDecoder, ClassBoxes, decode_class_boxes
 from heads.evaluation.compat import patch_lvis_numpy
 from heads.evaluation.detections import (
     Detections,
@@ -30,6 +32,8 @@ from heads.evaluation.metrics import (
 
 __all__ = [
     "BinSpec",
+    "BoxDecoder",
+    "ClassBoxes",
     "Detections",
     "IouMetrics",
     "LvisEvaluator",
@@ -37,6 +41,7 @@ __all__ = [
     "assemble_detection_arrays",
     "assemble_detections",
     "cached_results",
+    "decode_class_boxes",
     "detect_cached_arrays",
     "encode_masks",
     "evaluate_cached",

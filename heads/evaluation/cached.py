@@ -4,6 +4,10 @@ The cache holds, per val RoI, the original head's logits, the class-agnostic reg
 (class-agnostic) mask logits, so a new classification head is evaluated without the detector:
 softmax both heads, combine (``heads.combine``), assemble each image's detections exactly as
 torchvision's postprocessing would, and run the official LVIS evaluation.
+
+For a detector with class-specific box regression (``box_regression``), every (RoI, class) pair
+has its own box, decoded on demand from the RoI's ``fc`` feature and proposal box
+(:mod:`heads.evaluation.class_boxes`); ``reg_boxes`` (the top class's box only) is not used.
 """
 
 from __future__ import annotations
@@ -17,18 +21,33 @@ import torch
 from lvis import LVIS
 
 from cache_schema.errors import ConfigError, SchemaError
+from cache_schema.head_init import BoxRegression
 from cache_schema.records import ClassInfo, RoiSet
 from heads.combine import CombineConfig, get_rule
-from heads.evaluation.detections import Detections, merge_det, select_detections_many, to_results
+from heads.evaluation.class_boxes import BoxDecoder, ClassBoxes
+from heads.evaluation.detections import MIN_BOX_SIZE, Detections, merge_det, select_detections_many, to_results
 from heads.evaluation.lvis_eval import evaluate_lvis
 from heads.evaluation.metrics import BinSpec, Metrics
 
 
 def _check(roiset: RoiSet, class_info: ClassInfo, cal_probs: torch.Tensor | None,
-           image_ids: np.ndarray, image_sizes: np.ndarray) -> None:
-    for col in ("logits", "reg_boxes"):
-        if getattr(roiset, col) is None:
-            raise SchemaError(f"RoiSet has no '{col}'; load the val split with columns logits, reg_boxes (and mask_logits)")
+           image_ids: np.ndarray, image_sizes: np.ndarray, box_regression: BoxRegression | None,
+           box_features: torch.Tensor | None) -> None:
+    if box_regression is None:
+        for col in ("logits", "reg_boxes"):
+            if getattr(roiset, col) is None:
+                raise SchemaError(f"RoiSet has no '{col}'; load the val split with columns logits, reg_boxes (and mask_logits)")
+    else:
+        for col in ("logits", "boxes"):
+            if getattr(roiset, col) is None:
+                raise SchemaError(f"RoiSet has no '{col}'; class-specific boxes need the val split's columns logits, boxes")
+        if box_features is None or box_features.ndim != 2 or box_features.shape[0] != len(roiset):
+            got = None if box_features is None else tuple(box_features.shape)
+            raise ConfigError(f"box_features is {got}; class-specific boxes need the [{len(roiset)}, D] fc features "
+                              "of the same RoIs (the val split's 'fc' level)")
+        if box_regression.num_classes != class_info.num_classes:
+            raise SchemaError(f"the box regressor has {box_regression.num_classes} classes, the class table "
+                              f"{class_info.num_classes}; read both from the same store")
     c1 = class_info.num_classes + 1
     if roiset.logits.shape[1] != c1:
         raise SchemaError(
@@ -76,9 +95,21 @@ def detect_cached_arrays(
     nms_iou: float = 0.5,
     max_dets: int = 300,
     progress: bool = True,
+    min_box_size: float = MIN_BOX_SIZE,
+    box_regression: BoxRegression | None = None,
+    box_features: torch.Tensor | None = None,
 ) -> list[Detections]:
-    """Each image's :class:`Detections` (``roi_index`` relative to the image's rows)."""
-    _check(roiset, class_info, cal_probs, image_ids, image_sizes)
+    """Each image's :class:`Detections` (``roi_index`` relative to the image's rows).
+
+    ``score_thresh``, ``nms_iou``, ``max_dets``, ``min_box_size``: the detector's test-time
+    settings (``cache_schema.meta.Postprocess``; torchvision's by default). With
+    ``box_regression`` (class-specific regression) each (RoI, class) box is decoded from
+    ``box_features`` (float16/32 ``[N, D]``, the RoIs' ``fc`` level, rows of ``roiset``) and
+    ``roiset.boxes``, only for the candidates NMS looks at; else ``roiset.reg_boxes`` is every
+    class's box.
+    """
+    _check(roiset, class_info, cal_probs, image_ids, image_sizes, box_regression, box_features)
+    decoder = BoxDecoder(box_regression) if box_regression is not None else None
     rule = get_rule(combine)
     # Softmax once over all rows (vectorised); combination is per image because sel-scale's
     # background means are per image, as in per-image detector inference.
@@ -93,10 +124,15 @@ def detect_cached_arrays(
         js = range(start, min(start + DETECT_BLOCK, roiset.num_images))
         streams = [rule(p_orig=p_orig[roiset.rows_of(j)], p_cal=p_cal[roiset.rows_of(j)] if p_cal is not None else None,
                         instance_count=counts, config=config) for j in js]
-        boxes = [roiset.reg_boxes[roiset.rows_of(j)] for j in js]
+        if decoder is None:
+            boxes = [roiset.reg_boxes[roiset.rows_of(j)] for j in js]
+        else:
+            boxes = [ClassBoxes(decoder=decoder, fc=box_features[roiset.rows_of(j)], proposals=roiset.boxes[roiset.rows_of(j)])
+                     for j in js]
         sizes = [tuple(int(v) for v in image_sizes[positions[j]]) for j in js]
         per_stream = [select_detections_many(scores=[s[i] for s in streams], boxes=boxes, image_sizes=sizes,
-                                             score_thresh=score_thresh, nms_iou=nms_iou, max_dets=max_dets, stream=i)
+                                             score_thresh=score_thresh, nms_iou=nms_iou, max_dets=max_dets, stream=i,
+                                             min_box_size=min_box_size)
                       for i in range(len(streams[0]))]
         if len(per_stream) == 1:
             out += per_stream[0]
@@ -136,6 +172,9 @@ def evaluate_cached(
     score_thresh: float = 0.0,
     nms_iou: float = 0.5,
     iou_types: Sequence[str] = ("segm", "bbox"),
+    min_box_size: float = MIN_BOX_SIZE,
+    box_regression: BoxRegression | None = None,
+    box_features: torch.Tensor | None = None,
 ) -> tuple[list[dict], Metrics]:
     """Evaluate the original head (and a calibrated one) on cached val RoIs.
 
@@ -153,15 +192,19 @@ def evaluate_cached(
         bins: AP bins (default LVIS); max_dets: detections per image (300).
         config: other combination settings (boundary, sel-thr threshold, sel-scale direction).
         progress: show a progress bar (rich) over images.
-        score_thresh, nms_iou: detection assembly settings (torchvision semantics, 0.0 / 0.5).
+        score_thresh, nms_iou, min_box_size: detection assembly settings (torchvision's 0.0 / 0.5 /
+            1e-2 by default; the store's ``Postprocess``).
         iou_types: ``segm`` is skipped (with a note) when the RoiSet has no mask logits.
+        box_regression, box_features: class-specific regression and the RoIs' ``fc`` features
+            ``[N, D]`` (see :func:`detect_cached_arrays`); then ``roiset`` needs ``boxes``.
     Returns:
         (LVIS results list, :class:`Metrics` over exactly the RoiSet's images).
     """
     cfg = replace(config or CombineConfig(), T=float(T))
     dets = detect_cached_arrays(roiset=roiset, class_info=class_info, cal_probs=cal_probs, combine=combine, config=cfg,
                                 image_ids=image_ids, image_sizes=image_sizes, score_thresh=score_thresh, nms_iou=nms_iou,
-                                max_dets=max_dets, progress=progress)
+                                max_dets=max_dets, progress=progress, min_box_size=min_box_size,
+                                box_regression=box_regression, box_features=box_features)
     results = cached_results(dets=dets, roiset=roiset, class_info=class_info, image_ids=image_ids,
                              image_sizes=image_sizes)
     metrics = evaluate_lvis(gt_json=gt_json, results=results, iou_types=iou_types, bins=bins, max_dets=max_dets,

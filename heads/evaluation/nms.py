@@ -10,9 +10,15 @@ operations in its order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torchvision.ops import batched_nms
+
+#: ``(images [P], flat [P]) -> (boxes float32 [P, 4], ok bool [P])``: the boxes of candidates
+#: (``flat = roi * C + class`` of block image ``images[p]``) and whether each passes the size filter.
+PairBoxFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def goes_per_class(num_boxes: int, device: torch.device) -> bool:
@@ -98,13 +104,17 @@ def nms_top(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou
         k = min(n, 2 * k)
 
 
-def nms_top_many(flat: torch.Tensor, boxes: torch.Tensor, num_classes: int, n_valid: torch.Tensor, iou: float,
-                 max_dets: int) -> list[torch.Tensor]:
+def nms_top_many(flat: torch.Tensor, boxes: torch.Tensor | PairBoxFn, num_classes: int, n_valid: torch.Tensor,
+                 iou: float, max_dets: int) -> list[torch.Tensor]:
     """:func:`nms_top` of several images at once.
 
     Args:
         flat: float32 ``[B, R*C]`` candidate scores, RoI-major (``-inf`` where not a candidate).
-        boxes: float32 ``[B, R, 4]`` the RoIs' boxes; n_valid: int64 ``[B]`` candidates per image.
+        boxes: float32 ``[B, R, 4]`` the RoIs' boxes (class-agnostic), or a :data:`PairBoxFn`
+            giving each candidate's own box (class-specific): it is asked only for the candidates
+            of the top-``k`` windows, and those it marks not ``ok`` are dropped before the NMS —
+            exact, since dropping a candidate never changes the fate of a better-ranked one.
+        n_valid: int64 ``[B]`` candidates per image (before any ``ok`` filter).
     Returns:
         per image, the kept flat indices (``roi * C + class``), by descending score.
     """
@@ -117,10 +127,15 @@ def nms_top_many(flat: torch.Tensor, boxes: torch.Tensor, num_classes: int, n_va
         take = torch.arange(vals.shape[1])[None, :] < kp[:, None]
         p, rank = torch.nonzero(take, as_tuple=True)
         f = idx[p, rank]
+        if callable(boxes):
+            b, ok = boxes(pending[p], f)
+            p, rank, f, b = p[ok], rank[ok], f[ok], b[ok]  # still sorted by image, then rank
+        else:
+            b = boxes[pending[p], f // num_classes]
         group = p * num_classes + f % num_classes
         order = torch.argsort(group, stable=True)  # rows are in rank order: stays so inside a group
         kept = torch.zeros(order.shape[0], dtype=torch.bool)
-        kept[order] = greedy_nms_sorted(group[order], boxes[pending[p[order]], f[order] // num_classes], iou)
+        kept[order] = greedy_nms_sorted(group[order], b[order].float(), iou)
         survivors = torch.bincount(p[kept], minlength=pending.shape[0])
         done = (survivors >= max_dets) | (kp == n_valid[pending])
         starts = torch.searchsorted(p, torch.arange(pending.shape[0] + 1)).tolist()  # rows are contiguous
