@@ -32,11 +32,13 @@ def inject_command(
     combine: str = typer.Option("sel", help="sel | cal-only | avg | sel-thr | sel-scale | sel-norm | det | orig | replace"),
     T: float = typer.Option(300.0, "--T", help="sel*: classes with at most T training instances use the calibrated head."),
     boundary: str = typer.Option("le", help="le (N <= T, paper) | lt (N < T, official code)."),
+    config: str = typer.Option(None, help="mmdetection: the model's config (default: the checkpoint's); "
+                                          "dual-head rules also write OUT.py for plain mmdet."),
 ) -> None:
     """Write a detector checkpoint carrying the calibrated head and the combination rule."""
     from serve.inject import inject
 
-    path = inject(ckpt=ckpt, head=head, combine=combine, T=T, out=out, boundary=boundary)
+    path = inject(ckpt=ckpt, head=head, combine=combine, T=T, out=out, boundary=boundary, config=config)
     Console().print(f"wrote {path} ({combine}{'' if combine == 'replace' else f', T={T:g}'})")
 
 

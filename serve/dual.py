@@ -16,7 +16,7 @@ import torch
 
 from cache_schema.errors import ConfigError
 from extract.detectors.backends import load_adapter, read_checkpoint
-from extract.detectors.base import RoiOutputs
+from extract.detectors.base import MaskRequest, RoiOutputs
 from heads.combine import RULES, CombineConfig, get_rule
 from heads.evaluation import Detections, assemble_detection_arrays, to_results
 from heads.models import head_from_state, head_scores
@@ -42,6 +42,18 @@ class Inferred:
 
     out: RoiOutputs
     dets: tuple[Detections, ...]
+    request: MaskRequest
+
+
+def _mask_request(dets: tuple[Detections, ...], *, per_class: bool) -> MaskRequest:
+    """The masks ``dets`` (one image, several combinations) need: one per RoI for class-agnostic
+    mask heads, one per (RoI, class) pair — with that pair's box — for class-specific ones."""
+    rows = torch.cat([d.roi_index for d in dets]).cpu()
+    labels = torch.cat([d.labels for d in dets]).cpu() if per_class else torch.zeros_like(rows)
+    boxes = torch.cat([d.boxes for d in dets]).float().cpu()
+    keys = rows * (int(labels.max()) + 1 if len(labels) else 1) + labels
+    _, first = np.unique(keys.numpy(), return_index=True)
+    return MaskRequest(rows=rows[first].numpy(), labels=labels[first].numpy(), boxes=boxes[first].numpy())
 
 
 class DualHeadDetector:
@@ -52,13 +64,10 @@ class DualHeadDetector:
         self.device = device
         payload = read_checkpoint(self.path)
         self.adapter = load_adapter(self.path, device=device, config=config, payload=payload)
-        if self.adapter.box_regression() is not None or (self.adapter.mask_size and not self.adapter.class_agnostic_mask):
-            # Full inference pastes one mask per RoI and boxes from reg_boxes: exact only for
-            # class-agnostic box and mask heads.
-            raise ConfigError(f"{self.path}: full evaluation of detectors with class-specific boxes or masks "
-                              f"({self.adapter.backend}) is not supported yet; `heads eval` gives their box AP from "
-                              "the cache, and mmdet's own test loop their mask AP")
-        self.category_ids = tuple(int(c["id"]) for c in self.adapter.categories)
+        # json ids; None when the checkpoint records names only (mmdet): set from the annotation
+        # file once its class table is checked against the detector's (serve.evaluate).
+        ids = [c["id"] for c in self.adapter.categories]
+        self.category_ids: tuple[int, ...] | None = None if None in ids else tuple(int(i) for i in ids)
         self.calibration: Calibration | None = read_calibration(payload)
         self.head = None
         if self.calibration is not None:
@@ -94,18 +103,19 @@ class DualHeadDetector:
 
         The detections are assembled once, before the mask head runs, because they decide which
         RoIs need masks (torchvision runs its mask head only on detections, too)."""
-        found: dict[int, tuple[np.ndarray, tuple[Detections, ...]]] = {}
+        found: dict[int, tuple[np.ndarray, tuple[Detections, ...], MaskRequest]] = {}
 
-        def select(out: RoiOutputs, image_size: tuple[int, int]) -> np.ndarray:
+        def select(out: RoiOutputs, image_size: tuple[int, int]) -> MaskRequest:
             dets = tuple(self.detect(out, c, image_size, max_dets=max_dets) for c in combinations)
+            request = _mask_request(dets, per_class=out.class_boxes is not None)
             # The adapter returns ``out`` with masks added and every other array shared, so the
             # logits array identifies the image; holding it keeps its id from being reused.
-            found[id(out.logits)] = (out.logits, dets)
-            return np.unique(np.concatenate([d.roi_index.cpu().numpy() for d in dets]))
+            found[id(out.logits)] = (out.logits, dets, request)
+            return request
 
         outs = self.adapter.run(images, gt_boxes=None, levels=self._levels(), with_masks=True, mask_rows=select,
                                 max_proposals=max_proposals or self.adapter.default_proposals)
-        return [Inferred(out=o, dets=found[id(o.logits)][1]) for o in outs]
+        return [Inferred(out=o, dets=found[id(o.logits)][1], request=found[id(o.logits)][2]) for o in outs]
 
     def _levels(self) -> tuple[str, ...]:
         return (self.level,) if self.level else ("fc",)
@@ -115,14 +125,26 @@ class DualHeadDetector:
         """Detections of one image's RoIs under ``combination`` (torchvision post-processing)."""
         post = self.adapter.postprocess
         streams = self.scores(out, combination)
+        boxes = out.reg_boxes if out.class_boxes is None else out.class_boxes  # [R, 4] or [R, C, 4]
         return assemble_detection_arrays(scores=streams if len(streams) > 1 else streams[0],
-                                         boxes=torch.from_numpy(out.reg_boxes), image_size=image_size,
-                                         score_thresh=post.score_thresh, nms_iou=post.nms_iou, max_dets=max_dets)
+                                         boxes=torch.from_numpy(boxes), image_size=image_size,
+                                         score_thresh=post.score_thresh, nms_iou=post.nms_iou, max_dets=max_dets,
+                                         min_box_size=post.min_box_size)
 
-    def results(self, out: RoiOutputs, dets: Detections, *, image_id: int, image_size: tuple[int, int]) -> list[dict]:
-        """LVIS-format results of ``dets`` (from :meth:`detect` on ``out``), masks included."""
-        return to_results(dets=dets, image_id=image_id, category_ids=self.category_ids, image_size=image_size,
-                          mask_logits=None if out.mask_logits is None else torch.from_numpy(out.mask_logits))
+    def results(self, out: RoiOutputs, dets: Detections, *, image_id: int, image_size: tuple[int, int],
+                request: MaskRequest | None = None) -> list[dict]:
+        """LVIS-format results of ``dets`` (from :meth:`detect` on ``out``), masks included:
+        class-agnostic mask logits pasted here, or the detector's own per-detection masks
+        (``out.det_masks``, in the order of the ``request`` they were computed for)."""
+        if self.category_ids is None:
+            raise ConfigError(f"{self.path} records class names only; set category_ids from the annotation file")
+        res = to_results(dets=dets, image_id=image_id, category_ids=self.category_ids, image_size=image_size,
+                         mask_logits=None if out.mask_logits is None else torch.from_numpy(out.mask_logits))
+        if out.det_masks is not None:
+            where = {(int(r), int(c)): k for k, (r, c) in enumerate(zip(request.rows, request.labels))}
+            for r, row, label in zip(res, dets.roi_index.tolist(), dets.labels.tolist()):
+                r["segmentation"] = out.det_masks[where[(row, label)]]
+        return res
 
     @torch.inference_mode()
     def probabilities(self, out: RoiOutputs) -> tuple[torch.Tensor, torch.Tensor | None]:

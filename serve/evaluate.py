@@ -18,6 +18,7 @@ from cache_schema.errors import DatasetError
 from cache_schema.runtime import configure_threads, pick_device, sha256_file
 from extract.datasets.images import read_rgb
 from extract.datasets.lvis_json import check_images_exist, load_annotations, resolve_split
+from extract.writer import check_class_table
 from heads.evaluation import BinSpec, LvisEvaluator, Metrics, format_table, read_metrics, write_metrics, write_results
 from serve.dual import Combination, DualHeadDetector
 
@@ -77,7 +78,8 @@ def run_inference(detector: DualHeadDetector, annset, *, combinations: tuple[Com
             for p, inf in zip(idx, inferred):
                 im = annset.images[p]
                 for k, dets in enumerate(inf.dets):
-                    results[k] += detector.results(inf.out, dets, image_id=im.id, image_size=(im.height, im.width))
+                    results[k] += detector.results(inf.out, dets, image_id=im.id, image_size=(im.height, im.width),
+                                                   request=inf.request)
             rate = f"{idx.stop / max(time.perf_counter() - start, 1e-9):.2f} img/s"
             bar.update(task, advance=len(idx), rate=rate)
     return results
@@ -106,6 +108,9 @@ def evaluate_detector(*, ckpt: Path, data: Path, out_dir: Path, combines: tuple[
         raise DatasetError(f"{json_path} lists no images; give a dataset with val images")
     check_images_exist(annset)
     detector = DualHeadDetector(path=Path(ckpt), device=pick_device(device), config=detector_config)
+    if detector.category_ids is None:  # names only (mmdet): checked by name, ids from the json
+        check_class_table(detector.adapter, annset, json_path)
+        detector.category_ids = tuple(annset.cat_ids)
     if tuple(annset.cat_ids) != detector.category_ids:
         raise DatasetError(f"{json_path}: categories differ from the detector's; evaluate on the dataset it was trained on")
     wanted = [detector.with_default(combine=c, T=T) for c in (combines or (detector.default.combine,))]

@@ -112,8 +112,13 @@ def _instance_counts(head_meta: dict, num_classes: int) -> tuple[int, ...]:
                           "retrain it with this roicache version")
 
 
-def inject(*, ckpt: Path, head: Path, combine: str, T: float, out: Path, boundary: str = "le") -> Path:
-    """Write ``out``: ``ckpt`` with ``head`` injected under rule ``combine`` (or ``replace``)."""
+def inject(*, ckpt: Path, head: Path, combine: str, T: float, out: Path, boundary: str = "le",
+           config: str | None = None) -> Path:
+    """Write ``out``: ``ckpt`` with ``head`` injected under rule ``combine`` (or ``replace``).
+
+    For an mmdet checkpoint and a dual-head rule, also ``out`` with suffix ``.py``: the model's
+    config (``config``, else the checkpoint's own) running the rule inside mmdet
+    (:mod:`serve.mmdet_dual`)."""
     ckpt, out = Path(ckpt), Path(out)
     if combine != "replace" and combine not in RULES:
         raise ConfigError(f"unknown combine scheme {combine!r}; choose from {', '.join(RULES)} or replace")
@@ -135,6 +140,15 @@ def inject(*, ckpt: Path, head: Path, combine: str, T: float, out: Path, boundar
                             state_dict={k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
                             head_meta=head_meta)
         new = {**payload, CALIBRATION_KEY: calib.to_payload()}
+        if backend.backend == "mmdet":
+            from extract.detectors.mmdet_config import require_mmdet, resolve_config
+
+            require_mmdet()
+            from serve.mmdet_dual import export_dual
+
+            cfg, _ = resolve_config(payload, config, path=ckpt)
+            new = export_dual(payload=new, calibration=calib.to_payload(), head=module, cfg=cfg,
+                              config_out=out.with_suffix(".py"))
     new["meta"] = {**payload.get("meta", {}), "injected": {"head": str(head_path), "head_sha256": sha256_file(head_path),
                                                            "combine": combine, "T": T if math.isfinite(T) else "inf",
                                                            "source_checkpoint_sha256": sha256_file(ckpt)}}

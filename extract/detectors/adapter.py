@@ -161,8 +161,9 @@ class TorchvisionAdapter:
             levels: feature levels to return (``"fc"``, ``"pooled"``).
             max_proposals: RPN proposals kept per image after NMS, highest objectness first.
             with_masks: also compute class-agnostic mask logits on the regressed boxes.
-            mask_rows: with ``with_masks``, compute masks only for the rows this returns (given the
-                image's outputs without masks and its original (height, width)); other rows' mask logits are left 0. Full inference
+            mask_rows: with ``with_masks``, compute masks only for the rows of the
+                :class:`MaskRequest` this returns (given the image's outputs without masks and its
+                original (height, width)); other rows' mask logits are left 0. Full inference
                 uses it as torchvision does: the mask head runs only on the RoIs that became
                 detections (exact for a class-agnostic mask head, and ~5x cheaper).
         """
@@ -268,7 +269,7 @@ class TorchvisionAdapter:
                 )
             )
         if with_masks and mask_rows is not None:
-            outs = [self._selected_masks(out, r, s, features, i, mask_rows(out, original_sizes[i]))
+            outs = [self._selected_masks(out, r, s, features, i, mask_rows(out, original_sizes[i]).rows)
                     for i, (out, r, s) in enumerate(zip(outs, reg, sizes))]
         return outs
 

@@ -41,6 +41,8 @@ class RoiOutputs:
         class_boxes: float32 ``[R, C, 4]`` per-class regressed boxes (clipped, original pixels)
             of a detector whose box regression is class-specific (``reg_boxes`` then holds each
             RoI's box under its highest-scoring class); ``None`` for class-agnostic regression.
+        det_masks: for a class-specific mask head asked for a :class:`MaskRequest`: one COCO RLE
+            per requested detection (the model's own mask pasting and threshold), else ``None``.
     """
 
     boxes: np.ndarray
@@ -51,6 +53,7 @@ class RoiOutputs:
     reg_boxes: np.ndarray
     mask_logits: np.ndarray | None = None
     class_boxes: np.ndarray | None = None
+    det_masks: tuple[dict, ...] | None = None
 
     def __post_init__(self) -> None:
         r = self.boxes.shape[0]
@@ -90,10 +93,31 @@ class RoiOutputs:
         return int((~self.is_gt).sum())
 
 
+@dataclass(frozen=True, kw_only=True)
+class MaskRequest:
+    """The masks full inference needs for one image: detection ``k`` is RoI ``rows[k]`` detected
+    as class ``labels[k]`` with box ``boxes[k]``.
+
+    Attributes:
+        rows: int64 ``[K]`` RoI rows of the image's :class:`RoiOutputs`.
+        labels: int64 ``[K]`` classes ``0..C-1``.
+        boxes: float32 ``[K, 4]`` xyxy, original image pixels.
+    """
+
+    rows: np.ndarray
+    labels: np.ndarray
+    boxes: np.ndarray
+
+    def __post_init__(self) -> None:
+        k = len(self.rows)
+        if len(self.labels) != k or np.asarray(self.boxes).shape != (k, 4):
+            raise SchemaError(f"MaskRequest: {k} rows, {len(self.labels)} labels, boxes {np.asarray(self.boxes).shape}")
+
+
 #: What :meth:`DetectorAdapter.run` asks the caller for, per image, when it computes masks only
-#: for some RoIs: given the image's outputs without masks and its original (height, width), the
-#: rows whose masks are needed (int64 ``[K]``).
-MaskRows = Callable[[RoiOutputs, tuple[int, int]], np.ndarray]
+#: for the detections: given the image's outputs without masks and its original (height, width),
+#: the :class:`MaskRequest` of the detections kept.
+MaskRows = Callable[[RoiOutputs, tuple[int, int]], MaskRequest]
 
 
 @runtime_checkable
@@ -153,7 +177,9 @@ class DetectorAdapter(Protocol):
     ) -> list[RoiOutputs]:
         """RoI outputs of each uint8 ``[H, W, 3]`` RGB image (GT boxes float32 ``[G, 4]`` appended).
 
-        With ``with_masks`` and ``mask_rows``, mask logits are computed only for the rows
-        ``mask_rows`` returns (zeros elsewhere), as detectors run their mask head on detections only.
+        With ``with_masks`` and ``mask_rows``, masks are computed only for the detections
+        ``mask_rows`` requests, as detectors run their mask head on detections only: class-agnostic
+        heads fill ``mask_logits`` for the requested rows (zeros elsewhere), class-specific heads
+        give ``det_masks`` (one RLE per requested detection).
         """
         ...

@@ -15,6 +15,7 @@ gives box AP; mask AP comes from full inference).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,10 @@ from cache_schema.errors import ConfigError
 from cache_schema.head_init import BoxRegression
 from cache_schema.runtime import sha256_file
 from extract.detectors import mmdet_config as mc
-from extract.detectors.base import FEATURE_LEVELS, MaskRows, Postprocess, RoiOutputs
+from extract.detectors.base import FEATURE_LEVELS, MaskRequest, MaskRows, Postprocess, RoiOutputs
+
+#: Detections whose masks are pasted at once (each is an image-sized bool array).
+MASK_CHUNK = 64
 
 
 class MmdetAdapter:
@@ -152,9 +156,9 @@ class MmdetAdapter:
         unknown = [lv for lv in levels if lv not in FEATURE_LEVELS]
         if unknown:
             raise ConfigError(f"adapter.run: unknown feature level(s) {unknown}; choose from {list(FEATURE_LEVELS)}")
-        if with_masks:
-            raise ConfigError("the mmdet backend extracts no mask logits (its mask head is class-specific); "
-                              "evaluate masks with full inference")
+        if with_masks and (mask_rows is None or not self.mask_size):
+            raise ConfigError("the mmdet backend stores no per-RoI mask logits (its mask head is class-specific); "
+                              "masks are computed for detections only, in full inference (serve eval)")
         if gt_boxes is not None and len(gt_boxes) != len(images):
             raise ConfigError(f"adapter.run: {len(gt_boxes)} GT box arrays for {len(images)} images")
         packed = [self._pipeline({"img": np.ascontiguousarray(img[..., ::-1]), "img_id": i})  # RGB → BGR
@@ -165,7 +169,8 @@ class MmdetAdapter:
         results: list[RoiOutputs | None] = [None] * len(images)
         for members in by_shape.values():
             gts = None if gt_boxes is None else [gt_boxes[i] for i in members]
-            for i, out in zip(members, self._run_batch([packed[i] for i in members], gts, levels, max_proposals)):
+            for i, out in zip(members, self._run_batch([packed[i] for i in members], gts, levels, max_proposals,
+                                                         mask_rows if with_masks else None)):
                 results[i] = out
         return results  # type: ignore[return-value]
 
@@ -196,7 +201,7 @@ class MmdetAdapter:
         steps = [s for s in steps if "LoadAnnotations" not in str(s.get("type"))]
         return Compose(steps)
 
-    def _run_batch(self, packed: list[dict], gt_boxes, levels, max_proposals) -> list[RoiOutputs]:
+    def _run_batch(self, packed: list[dict], gt_boxes, levels, max_proposals, mask_rows=None) -> list[RoiOutputs]:
         from mmdet.structures.bbox import bbox2roi
 
         model, roi_head, head = self.model, self.model.roi_head, self.bbox_head
@@ -242,7 +247,31 @@ class MmdetAdapter:
                 features={lv: _np(values[lv]) for lv in levels}, logits=_np(s),
                 reg_boxes=_np(boxes[torch.arange(len(r)), top]),
                 class_boxes=_np(boxes) if boxes.shape[1] > 1 else None))
+        if mask_rows is not None:
+            outs = [replace(out, det_masks=self._det_masks(
+                        tuple(f[i:i + 1] for f in feats), samples[i].metainfo, scales[i],
+                        mask_rows(out, tuple(samples[i].metainfo["ori_shape"]))))
+                    for i, out in enumerate(outs)]
         return outs
+
+    def _det_masks(self, feats, meta: dict, scale: torch.Tensor, request: MaskRequest) -> tuple[dict, ...]:
+        """One RLE per requested detection, by the model's own mask head and post-processing
+        (mask of the detection's class on its box, pasted at the original size, thresholded)."""
+        from mmdet.structures.bbox import bbox2roi
+        from mmengine.structures import InstanceData
+        from pycocotools import mask as mask_util
+
+        roi_head, rles = self.model.roi_head, []
+        for lo in range(0, len(request.rows), MASK_CHUNK):  # bounds the [K, H, W] bool masks
+            boxes = torch.as_tensor(request.boxes[lo:lo + MASK_CHUNK], dtype=torch.float32, device=self.device)
+            labels = torch.as_tensor(request.labels[lo:lo + MASK_CHUNK], dtype=torch.int64, device=self.device)
+            preds = roi_head._mask_forward(feats, bbox2roi([boxes * scale]))["mask_preds"]
+            res = InstanceData(bboxes=boxes * scale, labels=labels, scores=torch.ones(len(labels)))
+            masks = roi_head.mask_head.predict_by_feat(mask_preds=(preds,), results_list=[res], batch_img_metas=[meta],
+                                                       rcnn_test_cfg=roi_head.test_cfg, rescale=True)[0].masks
+            encoded = mask_util.encode(np.asfortranarray(masks.cpu().numpy().transpose(1, 2, 0).astype(np.uint8)))
+            rles += [{"size": r["size"], "counts": r["counts"].decode("ascii")} for r in encoded]
+        return tuple(rles)
 
 
 def _drop_pretrained(model_cfg) -> None:

@@ -112,10 +112,16 @@ def class_names(payload: dict) -> tuple[str, ...] | None:
     return None if names is None else tuple(str(n) for n in names)
 
 
+#: Where ``serve inject`` puts a calibrated head inside an mmdet checkpoint (for mmdet's own
+#: dual-head box head); roicache reads that head from the checkpoint's calibration record instead.
+INJECTED_PREFIX = "roi_head.bbox_head.calibrated."
+
+
 def state_dict_of(payload: dict) -> dict:
-    """The model weights, with a DataParallel ``module.`` prefix removed (as mmengine does)."""
-    state = payload["state_dict"]
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
+    """The model weights, with a DataParallel ``module.`` prefix removed (as mmengine does) and
+    an injected calibrated head left out (the base model is what the adapter builds)."""
+    state = {(k[7:] if k.startswith("module.") else k): v for k, v in payload["state_dict"].items()}
+    return {k: v for k, v in state.items() if not k.startswith(INJECTED_PREFIX)}
 
 
 def load_weights(model, payload: dict, *, source: str, path: Path) -> None:

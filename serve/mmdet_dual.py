@@ -1,0 +1,106 @@
+"""Dual-head inference inside plain mmdetection: a box head registered in mmdet's registry.
+
+``serve inject --combine sel`` (and the other rules but ``det``) on an mmdet checkpoint writes
+the checkpoint with the calibrated head's weights under ``roi_head.bbox_head.calibrated.`` plus
+a config whose box head is :class:`RoicacheDualBBoxHead`, loaded through mmdet's
+``custom_imports``; ``init_detector(config, checkpoint)`` then scores every RoI with both heads
+and applies the rule inside mmdet's own post-processing:
+
+1. ``forward`` returns the original ``fc_cls`` logits next to the calibrated head's logits
+   (``[N, 2(C+1)]``), the calibrated head reading the same RoI feature it was trained on
+   (``fc``: the input of ``fc_cls``; ``pooled``: the RoIAlign output);
+2. mmdet turns a box head's scores into probabilities per image through
+   ``loss_cls.get_activation`` when ``loss_cls.custom_cls_channels`` is set; here that activation is
+   the rule: softmax of the original logits, the calibrated head's probabilities, combined by
+   :mod:`heads.combine` (per image, as roicache's own full inference does), background from the
+   original head;
+3. the rest — per-class box decoding, score threshold, NMS, masks — is mmdet's.
+
+Inference only: training such a model is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from mmdet.models.roi_heads.bbox_heads import Shared2FCBBoxHead
+from mmdet.registry import MODELS
+
+from cache_schema.errors import ConfigError
+from extract.detectors.mmdet_config import INJECTED_PREFIX
+from heads.combine import CombineConfig, get_rule
+from heads.models import HEADS, HeadSpec, head_scores
+
+DUAL_HEAD_TYPE = "RoicacheDualBBoxHead"
+
+
+class _RuleActivation:
+    """``get_activation`` of the dual head: ``[n, 2(C+1)]`` logits → ``[n, C+1]`` scores.
+    mmdet's box head reads ``custom_cls_channels`` from its ``loss_cls``."""
+
+    custom_cls_channels = True
+
+    def __init__(self, head: "RoicacheDualBBoxHead") -> None:
+        self._head = [head]  # a list: not registered as a submodule (no cycle in .modules())
+
+    def get_activation(self, scores: torch.Tensor) -> torch.Tensor:
+        head = self._head[0]
+        c1 = head.num_classes + 1
+        p_orig = torch.softmax(scores[:, :c1].float(), dim=1)
+        p_cal = head_scores(head.spec, scores[:, c1:].float())
+        fg = head.rule(p_orig=p_orig, p_cal=p_cal, instance_count=head.instance_count, config=head.combine)[0]
+        return torch.cat([fg, p_orig[:, -1:]], dim=1)
+
+
+@MODELS.register_module(name=DUAL_HEAD_TYPE)
+class RoicacheDualBBoxHead(Shared2FCBBoxHead):
+    """mmdet's ``Shared2FCBBoxHead`` plus a calibrated classifier and a combination rule.
+
+    Args:
+        calibration: ``{"spec": HeadSpec dict, "combine": rule, "T": float, "boundary": "le"|"lt",
+            "instance_count": [C ints]}`` (what ``serve inject`` writes into the config).
+    """
+
+    def __init__(self, *, calibration: dict, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.spec = HeadSpec.from_dict(calibration["spec"])
+        if calibration["combine"] == "det":
+            raise ConfigError("the det rule merges two detection sets; it cannot run inside mmdet's box head")
+        self.calibrated = HEADS[self.spec.name](spec=self.spec)
+        self.rule = get_rule(calibration["combine"])
+        self.combine = CombineConfig(T=float(calibration["T"]), boundary=calibration["boundary"])
+        self.register_buffer("instance_count", torch.tensor(calibration["instance_count"], dtype=torch.int64),
+                             persistent=False)
+        del self.loss_cls  # a registered submodule; replaced by the rule's activation below
+        self.loss_cls = _RuleActivation(self)
+        self._fc_input: list[torch.Tensor] = []
+        self.fc_cls.register_forward_pre_hook(lambda _m, args: self._fc_input.append(args[0]))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training:
+            raise ConfigError(f"{DUAL_HEAD_TYPE} is for inference; train the original model instead")
+        self._fc_input.clear()
+        cls_score, bbox_pred = super().forward(x)
+        feats = self._fc_input[0] if self.spec.level == "fc" else x
+        return torch.cat([cls_score, self.calibrated(feats)], dim=1), bbox_pred
+
+
+def export_dual(*, payload: dict, calibration: dict, head: torch.nn.Module, cfg, config_out: Path) -> dict:
+    """The checkpoint payload with the calibrated head's weights added, and (written to
+    ``config_out``) the model's config with :class:`RoicacheDualBBoxHead` as its box head."""
+    if calibration["combine"] == "det":
+        raise ConfigError("--combine det merges two detection sets and cannot run inside mmdet's box head; "
+                          "choose sel, cal-only, avg, sel-thr, sel-scale or sel-norm")
+    prefix = "module." if any(k.startswith("module.") for k in payload["state_dict"]) else ""
+    state = dict(payload["state_dict"])
+    state.update({f"{prefix}{INJECTED_PREFIX}{k}": v.detach().cpu().clone() for k, v in head.state_dict().items()})
+    dual = cfg.copy()
+    bbox = dict(dual.model.roi_head.bbox_head)
+    bbox.update(type=DUAL_HEAD_TYPE, calibration={k: calibration[k] for k in
+                                                  ("spec", "combine", "T", "boundary", "instance_count")})
+    dual.model.roi_head.bbox_head = bbox
+    dual.custom_imports = {"imports": [__name__], "allow_failed_imports": False}
+    config_out.parent.mkdir(parents=True, exist_ok=True)
+    dual.dump(str(config_out))
+    return {**payload, "state_dict": state}
