@@ -22,7 +22,8 @@ from extract.detectors.base import DetectorAdapter  # noqa: E402
 from extract.writer import ExtractConfig, extract  # noqa: E402
 from tests.mmdet_fixtures import save_mmdet_checkpoint, tiny_mmdet_config  # noqa: E402
 
-EXTRACT = ExtractConfig(levels=("pooled", "fc"), rois_per_image=30, batch_size=4, device="cpu", threads=1)
+# The detector's own proposal count (rois_per_image None), so cached and full evaluation see the same RoIs.
+EXTRACT = ExtractConfig(levels=("pooled", "fc"), batch_size=4, device="cpu", threads=1)
 
 
 def _class_names(data: Path) -> tuple[str, ...]:
@@ -330,3 +331,22 @@ def test_dual_head_checkpoint_runs_the_rule_inside_mmdet(combine, head, mm_ckpt,
         # and the rule changed something: the plain model's scores differ.
         plain = ours.detect(inf.out, Combination(combine="orig"), img.shape[:2], max_dets=len(ref))
         assert not torch.allclose(plain.scores[: len(d)], d.scores[: len(plain)])
+
+
+def test_cached_box_ap_equals_full_box_ap(mm_ckpt, mm_store, tiny_data, tmp_path):
+    """heads eval (boxes recomputed from the stored fc features and the stored regressor) gives the
+    box AP of full inference through the model; mask AP only from full inference, with a note."""
+    from heads.pipeline import evaluate_from_store
+    from serve.evaluate import evaluate_detector
+
+    cached = evaluate_from_store(cache=str(mm_store), head=None, combines=("orig",), T=300.0,
+                                 out_dir=tmp_path / "cached", progress=False)
+    full = evaluate_detector(ckpt=mm_ckpt, data=tiny_data, out_dir=tmp_path / "full", combines=("orig",),
+                             progress=False)
+    c, f = cached.rows["orig"], full.rows["orig"]
+    assert f.bbox["AP"] > 0
+    # float16 fc features move the recomputed boxes by ~1e-3 px: AP agrees to that rounding.
+    for key in ("AP", "AP50", "APr", "APc", "APf"):
+        assert abs(c.bbox[key] - f.bbox[key]) < 1e-3, key
+    assert not c.segm and f.segm
+    assert any("box AP only" in n for n in cached.notes)
