@@ -9,7 +9,6 @@ from cache_schema.meta import (
     SCHEMA_VERSION,
     DatasetInfo,
     DetectorInfo,
-    Postprocess,
     ExtractionSettings,
     GtTable,
     SplitSource,
@@ -17,6 +16,7 @@ from cache_schema.meta import (
     StoreMeta,
     meta_differences,
 )
+from cache_schema.postprocess import BoxRegression, Postprocess
 from cache_schema.records import ROI_COLUMNS, ClassInfo, RoiSet
 from cache_schema.split import SplitStore
 from cache_schema.store import Store, create_store, finalize, open_for_resume, open_store
@@ -29,6 +29,7 @@ __all__ = [
     "ArraySpec",
     "ClassInfo",
     "DatasetInfo",
+    "BoxRegression",
     "DetectorInfo",
     "Postprocess",
     "ExtractionSettings",

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cache_schema.errors import SchemaError
+from cache_schema.postprocess import Postprocess
 
 SCHEMA_VERSION = 1
 """Version of the on-disk layout this code reads and writes."""
@@ -54,40 +55,6 @@ def check_schema_version(version: Any) -> None:
         raise SchemaError(
             f"store schema version {version} is not supported by this roicache (supports {SCHEMA_VERSION}); re-extract or upgrade"
         )
-
-
-@dataclass(frozen=True, kw_only=True)
-class Postprocess:
-    """The detector's own test-time detection settings (what full and cached evaluation apply).
-
-    Stores made before this record have none; readers then use torchvision's defaults
-    (:meth:`Postprocess.torchvision_default`).
-
-    Attributes:
-        score_thresh: (RoI, class) pairs scoring at or below this are dropped.
-        nms_iou: IoU of the per-class NMS.
-        max_dets: detections kept per image.
-        min_box_size: boxes narrower or lower than this (px) are dropped before NMS
-            (torchvision: 1e-2; mmdetection: 0, none dropped).
-    """
-
-    score_thresh: float
-    nms_iou: float
-    max_dets: int
-    min_box_size: float = 0.0
-
-    @classmethod
-    def torchvision_default(cls) -> "Postprocess":
-        return cls(score_thresh=0.0, nms_iou=0.5, max_dets=300, min_box_size=1e-2)
-
-    def to_dict(self) -> dict:
-        return {"score_thresh": self.score_thresh, "nms_iou": self.nms_iou, "max_dets": self.max_dets,
-                "min_box_size": self.min_box_size}
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.nms_iou <= 1.0 or self.max_dets < 1 or not 0.0 <= self.score_thresh < 1.0:
-            raise SchemaError(f"detector postprocess {self} is invalid: need 0 < nms_iou <= 1, max_dets >= 1, "
-                              "0 <= score_thresh < 1")
 
 
 @dataclass(frozen=True, kw_only=True)

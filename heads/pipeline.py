@@ -15,7 +15,7 @@ import torch
 from cache_schema import Store, open_store
 from cache_schema.errors import CheckpointError, ConfigError, SchemaError
 from cache_schema.head_init import read_box_regression, read_head_weights
-from cache_schema.meta import Postprocess
+from cache_schema.postprocess import Postprocess
 from cache_schema.records import RoiSet
 from cache_schema.runtime import pick_device, sha256_file
 from heads.combine import RULES, CombineConfig

@@ -23,9 +23,11 @@ from typer.testing import CliRunner
 
 from cache_schema import open_store
 from cache_schema.errors import ConfigError
-from cache_schema.head_init import BoxRegression, read_box_regression, write_box_regression
+from cache_schema.head_init import read_box_regression, write_box_regression
+from cache_schema.postprocess import BoxRegression
 from cache_schema.layout import ROOT_ATTR
-from cache_schema.meta import Postprocess, StoreMeta
+from cache_schema.meta import StoreMeta
+from cache_schema.postprocess import Postprocess
 from heads.cli import app
 from heads.evaluation.class_boxes import ClassBoxes, BoxDecoder, decode_class_boxes, delta_xywh_decode
 from heads.evaluation.detections import assemble_detection_arrays, merge_det, select_detections, select_detections_many

@@ -15,8 +15,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from cache_schema.errors import SchemaError
-from cache_schema.head_init import BoxRegression
-from cache_schema.meta import Postprocess  # noqa: F401  (part of the boundary; the store records it)
+from cache_schema.postprocess import BoxRegression
+from cache_schema.postprocess import Postprocess  # noqa: F401  (part of the boundary; the store records it)
 
 FEATURE_LEVELS = ("fc", "pooled")
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cache_schema.errors import ConfigError
-from cache_schema.head_init import BoxRegression
+from cache_schema.postprocess import BoxRegression
 from cache_schema.runtime import sha256_file
 from extract.detectors import mmdet_config as mc
 from extract.detectors.base import FEATURE_LEVELS, MaskRequest, MaskRows, Postprocess, RoiOutputs

@@ -21,7 +21,7 @@ import torch
 from lvis import LVIS
 
 from cache_schema.errors import ConfigError, SchemaError
-from cache_schema.head_init import BoxRegression
+from cache_schema.postprocess import BoxRegression
 from cache_schema.records import ClassInfo, RoiSet
 from heads.combine import CombineConfig, get_rule
 from heads.evaluation.class_boxes import BoxDecoder, ClassBoxes

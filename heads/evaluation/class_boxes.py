@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from cache_schema.errors import ConfigError
-from cache_schema.head_init import BoxRegression
+from cache_schema.postprocess import BoxRegression
 
 #: Bytes of the ``[P, 4, D]`` float32 temporary one chunk of pairs may take.
 _CHUNK_BYTES = 16 << 20
