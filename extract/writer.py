@@ -38,7 +38,7 @@ from cache_schema.runtime import configure_threads, pick_device, sha256_file
 from extract.datasets.images import read_rgb
 from extract.datasets.lvis_json import AnnotationSet, check_images_exist, class_statistics, load_annotations, resolve_split
 from cache_schema.head_init import write_box_regression, write_head_weights
-from extract.detectors.backends import load_adapter
+from extract.detectors.backends import check_class_table, load_adapter
 from extract.detectors.base import DetectorAdapter
 from extract.matching import match_rois
 from extract.overlaps import image_overlaps
@@ -108,22 +108,6 @@ class _SplitInput:
     gt_rows_of_image: list[np.ndarray]
 
 
-def check_class_table(adapter: DetectorAdapter, annset: AnnotationSet, json_path: Path) -> None:
-    """The detector's classes are the annotation file's: by json id where the checkpoint records
-    ids, by name (in category-id order) where it records only names (mmdet's dataset_meta)."""
-    if any(c["id"] is None for c in adapter.categories):
-        names = tuple(str(c["name"]) for c in annset.categories)
-        theirs = tuple(c["name"] for c in adapter.categories)
-        if theirs != names:
-            k = next(i for i, (a, b) in enumerate(zip(theirs, names)) if a != b)
-            raise DatasetError(f"{json_path}: class {k} is {names[k]!r} but the checkpoint's is {theirs[k]!r}; "
-                               "use the annotation file the detector was trained on")
-        return
-    ckpt_ids = tuple(int(c["id"]) for c in adapter.categories)
-    if ckpt_ids and ckpt_ids != annset.cat_ids:
-        raise DatasetError(f"{json_path}: category ids differ from the ones the detector was trained on; use the matching annotation file")
-
-
 def _load_split(data: Path, name: str, adapter: DetectorAdapter) -> _SplitInput:
     json_path, image_root = resolve_split(data, name)
     annset = load_annotations(json_path, image_root)
@@ -132,7 +116,7 @@ def _load_split(data: Path, name: str, adapter: DetectorAdapter) -> _SplitInput:
             f"{json_path} has {annset.num_classes} categories but the detector was trained for "
             f"{adapter.num_classes}; use the checkpoint trained on this dataset"
         )
-    check_class_table(adapter, annset, json_path)
+    check_class_table(adapter.categories, annset, json_path)
     check_images_exist(annset)
     boxes, labels, image, area, ann_id, rows_of = [], [], [], [], [], []
     for pos, anns in enumerate(annset.annotations):

@@ -18,7 +18,7 @@ from cache_schema.errors import DatasetError
 from cache_schema.runtime import configure_threads, pick_device, sha256_file
 from extract.datasets.images import read_rgb
 from extract.datasets.lvis_json import check_images_exist, load_annotations, resolve_split
-from extract.writer import check_class_table
+from extract.detectors.backends import check_class_table
 from heads.evaluation import BinSpec, LvisEvaluator, Metrics, format_table, read_metrics, write_metrics, write_results
 from serve.dual import Combination, DualHeadDetector
 
@@ -109,7 +109,7 @@ def evaluate_detector(*, ckpt: Path, data: Path, out_dir: Path, combines: tuple[
     check_images_exist(annset)
     detector = DualHeadDetector(path=Path(ckpt), device=pick_device(device), config=detector_config)
     if detector.category_ids is None:  # names only (mmdet): checked by name, ids from the json
-        check_class_table(detector.adapter, annset, json_path)
+        check_class_table(detector.adapter.categories, annset, json_path)
         detector.category_ids = tuple(annset.cat_ids)
     if tuple(annset.cat_ids) != detector.category_ids:
         raise DatasetError(f"{json_path}: categories differ from the detector's; evaluate on the dataset it was trained on")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cache_schema.errors import CheckpointError
+from cache_schema.errors import CheckpointError, DatasetError
 from extract.detectors.adapter import TorchvisionAdapter
 from extract.detectors.base import DetectorAdapter
 from extract.detectors.mmdet_adapter import MmdetAdapter
@@ -83,3 +83,23 @@ def load_adapter(path: str | Path, *, device: str | torch.device = "cpu", config
     """
     payload = read_checkpoint(path) if payload is None else payload
     return backend_of(payload, path).from_payload(payload, path=Path(path), device=device, config=config)
+
+
+def check_class_table(categories: tuple[dict, ...], annset, json_path: Path) -> None:
+    """The detector's ``categories`` are the annotation file's (an ``AnnotationSet``): by json id
+    where the checkpoint records ids, by name (in category-id order) where it records only names
+    (mmdet's dataset_meta)."""
+    if any(c["id"] is None for c in categories):
+        names = tuple(str(c["name"]) for c in annset.categories)
+        theirs = tuple(c["name"] for c in categories)
+        if len(theirs) != len(names):
+            raise DatasetError(f"{json_path} has {len(names)} categories but the detector {len(theirs)}; "
+                               "use the annotation file the detector was trained on")
+        if theirs != names:
+            k = next(i for i, (a, b) in enumerate(zip(theirs, names)) if a != b)
+            raise DatasetError(f"{json_path}: class {k} is {names[k]!r} but the checkpoint's is {theirs[k]!r}; "
+                               "use the annotation file the detector was trained on")
+        return
+    ckpt_ids = tuple(int(c["id"]) for c in categories)
+    if ckpt_ids and ckpt_ids != annset.cat_ids:
+        raise DatasetError(f"{json_path}: category ids differ from the ones the detector was trained on; use the matching annotation file")
