@@ -350,3 +350,17 @@ def test_cached_box_ap_equals_full_box_ap(mm_ckpt, mm_store, tiny_data, tmp_path
         assert abs(c.bbox[key] - f.bbox[key]) < 1e-3, key
     assert not c.segm and f.segm
     assert any("box AP only" in n for n in cached.notes)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("model = dict(type='MaskRCNN')\ndata = dict(test=dict(pipeline=[]))", "no test_dataloader"),
+    ("model = dict(type='NoSuchDetector', roi_head=dict(type='StandardRoIHead', bbox_head=dict(type='Shared2FCBBoxHead')),"
+     " rpn_head=dict(type='RPNHead'))\ntest_dataloader = dict()", "does not build an mmdet model"),
+    ("this is not python (", "cannot be read"),
+])
+def test_bad_config_text_in_the_checkpoint_is_one_line(text, message, mm_ckpt, tmp_path):
+    payload = read_checkpoint(mm_ckpt)
+    bad = tmp_path / "bad_cfg.pth"
+    torch.save({**payload, "meta": {**payload["meta"], "cfg": text}}, bad)
+    with pytest.raises(ConfigError, match=message):
+        load_adapter(bad)

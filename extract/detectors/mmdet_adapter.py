@@ -76,8 +76,6 @@ class MmdetAdapter:
                      config: str | None = None) -> "MmdetAdapter":
         """Build the model from its config (``config`` or the checkpoint's) and load its weights."""
         mc.require_mmdet()
-        from mmdet.registry import MODELS
-
         cfg, source = mc.resolve_config(payload, config, path=Path(path))
         mc.check_two_stage(cfg)
         _drop_pretrained(cfg.model)
@@ -85,7 +83,7 @@ class MmdetAdapter:
         if names is None:
             raise ConfigError(f"{path} records no class names (meta.dataset_meta.classes); re-save it with mmengine "
                               "or add them to its meta")
-        model = MODELS.build(cfg.model)
+        model = mc.build_model(cfg, source=source)
         mc.load_weights(model, payload, source=source, path=Path(path))
         model.cfg = cfg
         model.to(device).eval()

@@ -87,7 +87,14 @@ def _parse(load, where: str):
 
 
 def check_two_stage(cfg: Any) -> None:
-    """Refuse, with one line, a model whose classifier is not one shared-fc box head."""
+    """Refuse, with one line, a config that is not mmdet 3's or a model whose classifier is not
+    one shared-fc box head."""
+    if not isinstance(cfg.get("model"), dict) or "type" not in cfg.model:
+        raise ConfigError("the config defines no model (model=dict(type=...)); pass the model's mmdet config with --config")
+    if "test_dataloader" not in cfg:
+        raise ConfigError("the config has no test_dataloader (an mmdet 2.x config?); pass --config with the mmdet 3 "
+                          "config of this model, e.g. one bundled with mmdet such as "
+                          "mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1")
     model = cfg.model
     roi_head = model.get("roi_head")
     if roi_head is None or model.get("rpn_head") is None:
@@ -122,6 +129,18 @@ def state_dict_of(payload: dict) -> dict:
     an injected calibrated head left out (the base model is what the adapter builds)."""
     state = {(k[7:] if k.startswith("module.") else k): v for k, v in payload["state_dict"].items()}
     return {k: v for k, v in state.items() if not k.startswith(INJECTED_PREFIX)}
+
+
+def build_model(cfg: Any, *, source: str):
+    """The model the config describes; a config mmdet cannot build is refused in one line."""
+    from mmdet.registry import MODELS
+
+    try:
+        return MODELS.build(cfg.model)
+    except Exception as exc:  # noqa: BLE001 - registry and module constructors raise many types
+        detail = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"config ({source}) does not build an mmdet model ({type(exc).__name__}: {detail}); "
+                          "pass the model's mmdet 3 config with --config") from None
 
 
 def load_weights(model, payload: dict, *, source: str, path: Path) -> None:
