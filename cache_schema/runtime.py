@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from cache_schema.errors import ConfigError
+
 
 def available_cores() -> int:
     """Cores this process may actually run on (the affinity mask, not the machine's count)."""
@@ -30,10 +32,23 @@ def configure_threads(threads: int | None = None) -> int:
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """``cuda`` when present, else ``cpu``; an explicit request wins (``"cpu"``, ``"cuda:1"``)."""
-    if requested and requested != "auto":
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``cuda`` when present, else ``cpu``; an explicit request wins (``"cpu"``, ``"cuda:1"``)
+    when this machine has it — otherwise one-line :class:`ConfigError` before any work."""
+    if not requested or requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {requested!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {requested!r}: roicache runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ConfigError(f"--device {requested!r} but this machine has no CUDA GPU; use --device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {requested!r} but this machine has {count} CUDA GPU(s); use cuda:0..cuda:{count - 1}")
+    return device
 
 
 def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
@@ -43,3 +58,29 @@ def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str
         while block := f.read(chunk_bytes):
             h.update(block)
     return h.hexdigest()
+
+
+def check_output(path: str | os.PathLike[str], *, kind: str, flag: str = "--out", overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output location that cannot be written as ``kind``.
+
+    ``kind="dir"``: ``path`` may exist as a directory (runs resume there), not as a file.
+    ``kind="file"``: an existing file is refused unless ``overwrite`` (no silent overwrite); a
+    directory is refused. Either way no ancestor may be a file, and the nearest existing
+    ancestor must be writable. Nothing is created.
+    """
+    path = Path(path)
+    if path.exists():
+        if kind == "dir" and not path.is_dir():
+            raise ConfigError(f"{flag} {path} is an existing file; give a directory path")
+        if kind == "file" and path.is_dir():
+            raise ConfigError(f"{flag} {path} is a directory; give a file path")
+        if kind == "file" and not overwrite:
+            raise ConfigError(f"{flag} {path} exists; pass --overwrite to replace it, or choose another path")
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: {parent} is a file, not a directory; choose another path")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: {parent} is not writable; choose another path")
+    return path

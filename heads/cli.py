@@ -59,6 +59,8 @@ def train(
         "run.threads": threads,
     })
     cfg = load_config(config, overrides)
+    if evaluate:
+        CombineConfig(T=T)  # a bad --T is refused now, not after training
     result = train_from_store(cache=cache, config=cfg, out_dir=out, stream=stream, progress=not quiet)
     console = Console()
     rate = f", {result.steps_per_second:.1f} steps/s" if result.steps_per_second else ""

@@ -17,7 +17,7 @@ from cache_schema.errors import CheckpointError, ConfigError, SchemaError
 from cache_schema.head_init import read_box_regression, read_head_weights
 from cache_schema.postprocess import Postprocess
 from cache_schema.records import RoiSet
-from cache_schema.runtime import pick_device, sha256_file
+from cache_schema.runtime import check_output, pick_device, sha256_file
 from heads.combine import RULES, CombineConfig
 from heads.config import TrainConfig
 from heads.evaluation import (BinSpec, LvisEvaluator, Metrics, cached_results, detect_cached_arrays, load_gt,
@@ -239,6 +239,8 @@ def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, .
     decoded from the val ``fc`` level; without val mask logits it is evaluated for box AP only
     (:data:`MASK_NOTE`).
     """
+    if out_dir is not None:
+        out_dir = check_output(out_dir, kind="dir")  # before any work
     unknown = [c for c in combines if c not in RULES]
     if unknown:
         raise ConfigError(f"unknown combine scheme(s) {unknown}; choose from {', '.join(RULES)}")

@@ -28,7 +28,7 @@ from torch import nn
 
 from cache_schema.errors import ConfigError, SchemaError
 from cache_schema.records import ClassInfo, RoiSet
-from cache_schema.runtime import configure_threads, pick_device
+from cache_schema.runtime import check_output, configure_threads, pick_device
 from heads.build import build_loss, build_sampler, build_training_head, fit_ncm, make_head_spec
 from heads.checkpointing import load_training_state, save_training_state, write_atomic, write_json_atomic
 from heads.config import TrainConfig, config_to_dict, dump_toml, training_identity
@@ -216,9 +216,10 @@ def train_head(*, config: TrainConfig, source: RoiSource, class_info: ClassInfo,
         init_from: sha256 of the detector checkpoint, recorded in the spec.
         meta: extra provenance (plain types) stored in ``head.pt``.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Device and output location are checked before anything is created.
     dev = pick_device(config.run.device if device in (None, "auto") else str(device))
+    out_dir = check_output(out_dir, kind="dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
     if config.run.threads:
         configure_threads(config.run.threads)
     _check_inputs(source, class_info)

@@ -34,11 +34,13 @@ def inject_command(
     boundary: str = typer.Option("le", help="le (N <= T, paper) | lt (N < T, official code)."),
     config: str = typer.Option(None, help="mmdetection: the model's config (default: the checkpoint's); "
                                           "dual-head rules also write OUT.py for plain mmdet."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file at --out."),
 ) -> None:
     """Write a detector checkpoint carrying the calibrated head and the combination rule."""
     from serve.inject import inject
 
-    path = inject(ckpt=ckpt, head=head, combine=combine, T=T, out=out, boundary=boundary, config=config)
+    path = inject(ckpt=ckpt, head=head, combine=combine, T=T, out=out, boundary=boundary, config=config,
+                  overwrite=overwrite)
     Console().print(f"wrote {path} ({combine}{'' if combine == 'replace' else f', T={T:g}'})")
 
 

@@ -168,7 +168,7 @@ def run_demo(*, out_dir: Path, progress: bool = True, config: DemoConfig | None 
 
     t = _step(console, "5/6 serve inject + full evaluation")
     injected = out_dir / "detector_sel.pt"
-    inject(ckpt=ckpt, head=run, combine="sel", T=cfg.T, out=injected)
+    inject(ckpt=ckpt, head=run, combine="sel", T=cfg.T, out=injected, overwrite=True)
     full = load_eval_run(out_dir / "eval_full", injected) or evaluate_detector(
         ckpt=injected, data=data, out_dir=out_dir / "eval_full", combines=("orig", "cal-only", "sel"), progress=progress)
     timings["full_eval"] = time.perf_counter() - t

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from cache_schema.errors import DatasetError
-from cache_schema.runtime import configure_threads, pick_device, sha256_file
+from cache_schema.errors import ConfigError, DatasetError
+from cache_schema.runtime import check_output, configure_threads, pick_device, sha256_file
 from extract.datasets.images import read_rgb
 from extract.datasets.lvis_json import check_images_exist, load_annotations, resolve_split
 from extract.detectors.backends import check_class_table
+from heads.combine import CombineConfig
 from heads.evaluation import BinSpec, LvisEvaluator, Metrics, format_table, read_metrics, write_metrics, write_results
 from serve.dual import Combination, DualHeadDetector
 
@@ -102,6 +103,13 @@ def evaluate_detector(*, ckpt: Path, data: Path, out_dir: Path, combines: tuple[
     (SimCal Fig. 4c). ``limit`` evaluates only the first images (for quick checks).
     """
     configure_threads()
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit} must be >= 1 (or left out for every val image)")
+    out_dir = check_output(out_dir, kind="dir")  # before inference: no time lost on a bad --out
+    if T is not None:
+        CombineConfig(T=T)
     json_path, image_root = resolve_split(Path(data), "val")
     annset = load_annotations(json_path, image_root)
     if len(annset) == 0:

@@ -23,11 +23,11 @@ from pathlib import Path
 
 
 from cache_schema.errors import CheckpointError, ConfigError
-from cache_schema.runtime import sha256_file
+from cache_schema.runtime import check_output, sha256_file
 from extract.datasets.lvis_json import class_statistics, load_annotations
 from extract.detectors.backends import backend_of, read_checkpoint
 from extract.detectors.checkpoint import atomic_torch_save
-from heads.combine import RULES
+from heads.combine import RULES, CombineConfig
 from heads.models import HeadSpec, load_head
 
 CALIBRATION_KEY = "calibration"
@@ -113,7 +113,7 @@ def _instance_counts(head_meta: dict, num_classes: int) -> tuple[int, ...]:
 
 
 def inject(*, ckpt: Path, head: Path, combine: str, T: float, out: Path, boundary: str = "le",
-           config: str | None = None) -> Path:
+           config: str | None = None, overwrite: bool = False) -> Path:
     """Write ``out``: ``ckpt`` with ``head`` injected under rule ``combine`` (or ``replace``).
 
     For an mmdet checkpoint and a dual-head rule, also ``out`` with suffix ``.py``: the model's
@@ -122,6 +122,11 @@ def inject(*, ckpt: Path, head: Path, combine: str, T: float, out: Path, boundar
     ckpt, out = Path(ckpt), Path(out)
     if combine != "replace" and combine not in RULES:
         raise ConfigError(f"unknown combine scheme {combine!r}; choose from {', '.join(RULES)} or replace")
+    if combine != "replace":
+        CombineConfig(T=T, boundary=boundary)  # refuses a negative or NaN T, an unknown boundary
+    if out.resolve() == ckpt.resolve():
+        raise ConfigError("--out must differ from --ckpt; the original checkpoint is kept untouched")
+    check_output(out, kind="file", overwrite=overwrite)
     payload = read_checkpoint(ckpt)
     backend = backend_of(payload, ckpt)
     if CALIBRATION_KEY in payload:
@@ -129,8 +134,6 @@ def inject(*, ckpt: Path, head: Path, combine: str, T: float, out: Path, boundar
     head_path = _head_path(head)
     module, spec, head_meta = load_head(head_path)
     _check_head_fits(backend.categories_of(payload), ckpt, head_meta, spec, head_path)
-    if out.resolve() == ckpt.resolve():
-        raise ConfigError("--out must differ from --ckpt; the original checkpoint is kept untouched")
     if combine == "replace":
         _check_replaceable(spec)
         new = backend.replace_classifier(payload, weight=module.cls.weight, bias=module.cls.bias)

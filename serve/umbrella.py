@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from cache_schema import export_hdf5, inspect_store, validate_store
+from cache_schema.runtime import check_output
 from cache_schema.cli_support import fail, friendly_errors
 from cache_schema.runtime import configure_threads
 
@@ -122,9 +123,11 @@ def cache_inspect(store: str = typer.Argument(..., help="Store path or URL."),
 @friendly_errors
 def cache_export(store: str = typer.Argument(..., help="Store path or URL."),
                  out: Path = typer.Option(..., help="HDF5 file to write."),
-                 levels: str = typer.Option(None, help="Comma-separated levels (default: all stored).")) -> None:
+                 levels: str = typer.Option(None, help="Comma-separated levels (default: all stored)."),
+                 overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file at --out.")) -> None:
     """Export a complete store to one HDF5 file (h5py)."""
     chosen = tuple(v for v in levels.split(",") if v) if levels else None
+    check_output(out, kind="file", overwrite=overwrite)
     path = export_hdf5(store, out, levels=chosen)
     Console().print(f"exported to {path}")
 

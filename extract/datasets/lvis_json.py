@@ -9,6 +9,8 @@ in ``skipped_crowd`` / ``skipped_degenerate``.
 
 from __future__ import annotations
 
+import math
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,12 +175,17 @@ def load_annotations(json_path: Path, image_root: Path | None = None) -> Annotat
         if ann["category_id"] not in index_of:
             raise DatasetError(f"{path}: annotations[{i}] references unknown category_id {ann['category_id']}; remove it or add the category")
         bbox = ann["bbox"]
+        where = f"{path}: annotations[{i}] (id {ann.get('id', '?')})"
         if not (isinstance(bbox, list) and len(bbox) == 4):
-            raise DatasetError(f"{path}: annotations[{i}] bbox must be [x, y, w, h]; fix the file")
+            raise DatasetError(f"{where} bbox must be [x, y, w, h]; fix the file")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
+            raise DatasetError(f"{where} bbox {bbox} must hold four finite numbers [x, y, w, h]; fix the file")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise DatasetError(f"{where} bbox {bbox} has a negative width or height; fix the file")
         if ann.get("iscrowd", 0):
             crowd += 1
             continue
-        if bbox[2] <= 0 or bbox[3] <= 0:
+        if bbox[2] == 0 or bbox[3] == 0:  # empty boxes (LVIS has a few): nothing to detect
             degenerate += 1
             continue
         per_image[pos].append(ann)

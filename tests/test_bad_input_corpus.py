@@ -1,0 +1,141 @@
+"""Malformed inputs, one row each: the console command, the expected message fragment, and what must
+not be left behind. Every case exits 2 with exactly one stderr line starting ``error:``.
+
+(Part of issue 14's corpus: the cases that used to give tracebacks or silent acceptance.)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from extract.cli import app as extract_app
+from heads.cli import app as heads_app
+from serve.cli import app as serve_app
+from serve.umbrella import app as roicache_app
+
+RUNNER = CliRunner()
+APPS = {"extract": extract_app, "heads": heads_app, "serve": serve_app, "roicache": roicache_app}
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def head_run(tiny_store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus_head") / "run"
+    r = RUNNER.invoke(heads_app, ["train", "--cache", str(tiny_store), "--out", str(out), "--head", "lastfc",
+                                  "--steps", "3", "--milestones", "2", "--no-eval", "--quiet"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture()
+def ctx(tiny_data, tiny_ckpt, tiny_store, head_run, tmp_path) -> dict:
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("keep me")
+    return {"data": tiny_data, "ckpt": tiny_ckpt, "store": tiny_store, "head": head_run, "tmp": tmp_path,
+            "file": a_file}
+
+
+def _bad_data(ctx: dict, change) -> Path:
+    """A copy of the tiny dataset whose train.json's first annotation is changed by ``change``."""
+    root = ctx["tmp"] / "bad_data"
+    shutil.copytree(ctx["data"], root)
+    train = json.loads((root / "train.json").read_text())
+    change(train["annotations"][0])
+    (root / "train.json").write_text(json.dumps(train))
+    return root
+
+
+def _set_bbox(value):
+    def change(ann: dict) -> None:
+        ann["bbox"] = value
+    return change
+
+
+# (id, app, argv builder, message fragment, paths that must not exist afterwards)
+CASES = [
+    ("bbox_with_a_string", "extract",
+     lambda c: ["--ckpt", c["ckpt"], "--data", _bad_data(c, _set_bbox([1, 2, "3", 4])), "--out", c["tmp"] / "s.zarr"],
+     "must hold four finite numbers", ["s.zarr"]),
+    ("bbox_negative_width", "extract",
+     lambda c: ["--ckpt", c["ckpt"], "--data", _bad_data(c, _set_bbox([1, 2, -3, 4])), "--out", c["tmp"] / "s.zarr"],
+     "negative width or height", ["s.zarr"]),
+    ("heads_train_out_is_a_file", "heads",
+     lambda c: ["train", "--cache", c["store"], "--out", c["file"], "--steps", "2", "--quiet"],
+     "is an existing file", []),
+    ("heads_train_device_tpu", "heads",
+     lambda c: ["train", "--cache", c["store"], "--out", c["tmp"] / "run", "--device", "tpu", "--quiet"],
+     "use auto, cpu, cuda", ["run"]),
+    ("heads_train_T_negative", "heads",
+     lambda c: ["train", "--cache", c["store"], "--out", c["tmp"] / "run", "--T", "-1", "--quiet"],
+     "T=-1.0 must be a count", ["run"]),
+    ("heads_eval_out_is_a_file", "heads",
+     lambda c: ["eval", "--cache", c["store"], "--head", c["head"], "--out", c["file"], "--quiet"],
+     "is an existing file", []),
+    ("serve_eval_out_is_a_file", "serve",
+     lambda c: ["eval", "--ckpt", c["ckpt"], "--data", c["data"], "--out", c["file"], "--quiet"],
+     "is an existing file", []),
+    ("serve_eval_batch_size_0", "serve",
+     lambda c: ["eval", "--ckpt", c["ckpt"], "--data", c["data"], "--out", c["tmp"] / "ev", "--batch-size", "0"],
+     "--batch-size 0 must be >= 1", ["ev"]),
+    ("serve_eval_limit_0", "serve",
+     lambda c: ["eval", "--ckpt", c["ckpt"], "--data", c["data"], "--out", c["tmp"] / "ev", "--limit", "0"],
+     "--limit 0 must be >= 1", ["ev"]),
+    ("serve_inject_out_under_a_file", "serve",
+     lambda c: ["inject", "--ckpt", c["ckpt"], "--head", c["head"], "--out", c["file"] / "x.pt"],
+     "is a file, not a directory", []),
+    ("serve_inject_T_negative", "serve",
+     lambda c: ["inject", "--ckpt", c["ckpt"], "--head", c["head"], "--T", "-1", "--out", c["tmp"] / "x.pt"],
+     "T=-1.0 must be a count", ["x.pt"]),
+    ("serve_inject_T_nan", "serve",
+     lambda c: ["inject", "--ckpt", c["ckpt"], "--head", c["head"], "--T", "nan", "--out", c["tmp"] / "x.pt"],
+     "T=nan must be a count", ["x.pt"]),
+    ("serve_inject_out_exists", "serve",
+     lambda c: ["inject", "--ckpt", c["ckpt"], "--head", c["head"], "--out", c["file"]],
+     "exists; pass --overwrite", []),
+    ("export_hdf5_out_exists", "roicache",
+     lambda c: ["cache", "export-hdf5", c["store"], "--out", c["file"]],
+     "exists; pass --overwrite", []),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_leaves_nothing(case, ctx):
+    _, app, argv, fragment, absent = case
+    result = RUNNER.invoke(APPS[app], [str(a) for a in argv(ctx)])
+    line = _one_error_line(result)
+    assert fragment in line, line
+    assert "Traceback" not in result.output
+    for name in absent:
+        assert not (ctx["tmp"] / name).exists(), name
+    assert ctx["file"].read_text() == "keep me"  # nothing overwritten
+
+
+def test_cuda_asked_for_on_a_machine_without_it(ctx):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = RUNNER.invoke(heads_app, ["train", "--cache", str(ctx["store"]), "--out", str(ctx["tmp"] / "run"),
+                                  "--device", "cuda", "--quiet"])
+    assert "no CUDA GPU" in _one_error_line(r)
+    assert not (ctx["tmp"] / "run").exists()
+
+
+def test_overwrite_flag_replaces_an_injected_checkpoint(ctx):
+    out = ctx["tmp"] / "inj.pt"
+    args = ["inject", "--ckpt", str(ctx["ckpt"]), "--head", str(ctx["head"]), "--out", str(out)]
+    assert RUNNER.invoke(serve_app, args).exit_code == 0
+    assert "exists" in _one_error_line(RUNNER.invoke(serve_app, args))
+    r = RUNNER.invoke(serve_app, [*args, "--overwrite"])
+    assert r.exit_code == 0, r.output
