@@ -26,6 +26,8 @@ from cache_schema.store import _location, open_group, read_classes
 
 # Runs of damaged images listed per array before the rest is summarised, to keep output readable.
 _MAX_RUNS = 5
+#: Arrays whose stored RoI rows must be finite (objectness is +inf for appended GT boxes).
+FINITE_PREFIXES = ("feat/", "rois/logits")
 _REPAIR = "clear their done marks with Store.invalidate(split=..., images=...) and resume extraction"
 
 
@@ -126,32 +128,37 @@ class _Checker:
         enc = arr.metadata.encode_chunk_key
         return [int(c) for c in chunk_ids if f"{arr.path}/{enc((int(c), *tail))}" not in keys]
 
-    def corrupt_chunks(self, arr: zarr.Array, chunk_ids: list[int]) -> list[int]:
-        """Chunk indices among ``chunk_ids`` that fail to decode."""
+    def corrupt_chunks(self, arr: zarr.Array, chunk_ids: list[int],
+                       finite_rows: np.ndarray | None = None) -> tuple[list[int], list[int]]:
+        """Chunk indices among ``chunk_ids`` that fail to decode, and — with ``finite_rows``
+        (valid rows per chunk) — those whose valid rows hold NaN or Inf."""
         if not self.deep:
-            return []
-        bad = []
+            return [], []
+        bad, nonfinite = [], []
         files = ChunkFiles.for_array(arr)
         rows = arr.chunks[0]
         for c in chunk_ids:
             self.chunks_checked += 1
             try:
-                if files is not None:
-                    files.read(c)
-                else:
-                    arr[c * rows: min((c + 1) * rows, arr.shape[0])]
+                chunk = files.read(c) if files is not None else arr[c * rows: min((c + 1) * rows, arr.shape[0])]
             except Exception:  # noqa: BLE001 - any decode failure (crc, blosc, zstd, utf-8) is damage
                 bad.append(c)
-        return bad
+                continue
+            if finite_rows is not None and chunk is not None and not np.isfinite(chunk[: finite_rows[c]]).all():
+                nonfinite.append(c)
+        return bad, nonfinite
 
-    def check_chunks(self, where: str, arr: zarr.Array, spec: ArraySpec, chunk_ids: np.ndarray, unit: str, fix: str) -> None:
+    def check_chunks(self, where: str, arr: zarr.Array, spec: ArraySpec, chunk_ids: np.ndarray, unit: str, fix: str,
+                     finite_rows: np.ndarray | None = None) -> None:
         missing = self.missing_chunks(arr, chunk_ids)
         if missing:
             self.problems.append(f"{where}/{spec.path}: chunk(s) missing for {_describe(missing, spec, unit)}; {fix}")
         present = sorted(set(int(c) for c in chunk_ids) - set(missing))
-        bad = self.corrupt_chunks(arr, present)
+        bad, nonfinite = self.corrupt_chunks(arr, present, finite_rows)
         if bad:
             self.problems.append(f"{where}/{spec.path}: chunk(s) corrupt or truncated for {_describe(bad, spec, unit)}; {fix}")
+        if nonfinite:
+            self.problems.append(f"{where}/{spec.path}: NaN/Inf values for {_describe(nonfinite, spec, unit)}; {fix}")
 
     def check_table(self, parent: zarr.Group, where: str, spec: ArraySpec) -> zarr.Array | None:
         """A table written at creation: every chunk must exist and decode."""
@@ -206,7 +213,9 @@ class _Checker:
         self.check_chunks(name, arrays["images/num_rois"], layout["images/num_rois"], finished, "image", _REPAIR)
         for path, spec in layout.items():
             if spec.kind == KIND_ROI and arrays[path] is not None:
-                self.check_chunks(name, arrays[path], spec, finished, "image", _REPAIR)
+                # Features and logits must be finite in every RoI an image holds (one image per chunk).
+                finite = counts if path.startswith(FINITE_PREFIXES) else None
+                self.check_chunks(name, arrays[path], spec, finished, "image", _REPAIR, finite_rows=finite)
         return int(n - len(finished))
 
 

@@ -154,7 +154,25 @@ def val_split_for_eval(store: Store, level: str | None, *, overlaps: bool = Fals
         raise SchemaError(f"store {store.path} has no val split; extract it with --splits train,val")
     split = store.split("val")
     masks = ("mask_area", "mask_inter") if overlaps else ("mask_logits",) if split.with_masks else ()
-    return split.load(level=level, columns=(CLASS_BOX_COLUMNS if class_boxes else EVAL_COLUMNS) + masks)
+    val = split.load(level=level, columns=(CLASS_BOX_COLUMNS if class_boxes else EVAL_COLUMNS) + masks)
+    require_finite(val, store=store, split="val", level=level)
+    return val
+
+
+def require_finite(roiset: RoiSet, *, store: Store, split: str, level: str | None) -> None:
+    """Refuse NaN/Inf in the features and logits evaluation scores (they would silently drop
+    RoIs from the detections and still report an AP)."""
+    named = {f"feat/{level}": roiset.features, "rois/logits": roiset.logits}
+    for name, values in named.items():
+        if values is None:
+            continue
+        bad = ~torch.isfinite(values.reshape(len(values), -1).float()).all(dim=1)
+        if bool(bad.any()):
+            rows = torch.nonzero(bad).flatten()
+            images = torch.unique(roiset.image_index[rows]).tolist()
+            raise SchemaError(f"store {store.path}: {split}/{name} holds NaN/Inf in {len(rows)} RoIs of split images "
+                              f"{images[:5]}{' …' if len(images) > 5 else ''}; run `roicache cache validate` and "
+                              "re-extract those images")
 
 
 def box_features_for_eval(store: Store, val: RoiSet, level: str | None) -> torch.Tensor:

@@ -139,3 +139,27 @@ def test_overwrite_flag_replaces_an_injected_checkpoint(ctx):
     assert "exists" in _one_error_line(RUNNER.invoke(serve_app, args))
     r = RUNNER.invoke(serve_app, [*args, "--overwrite"])
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("array", ["feat/fc", "rois/logits"])
+def test_nan_in_val_features_or_logits_is_found_by_validate_and_refused_by_heads_eval(array, ctx):
+    """NaN written through zarr's own API into one stored val RoI."""
+    import numpy as np
+    import zarr
+
+    store = ctx["tmp"] / "nan_store.zarr"
+    shutil.copytree(ctx["store"], store)
+    group = zarr.open_group(str(store), mode="r+")
+    arr = group[f"val/{array}"]
+    stride = int(group["val"].attrs["roi_stride"])
+    row = 2 * stride + 1  # image 2, its second RoI
+    value = np.asarray(arr[row])
+    value.reshape(-1)[0] = np.nan
+    arr[row] = value
+    r = RUNNER.invoke(roicache_app, ["cache", "validate", str(store)])
+    assert r.exit_code != 0
+    assert f"val/{array}: NaN/Inf values for image 2" in r.output + r.stderr
+    line = _one_error_line(RUNNER.invoke(heads_app, ["eval", "--cache", str(store), "--head", str(ctx["head"]),
+                                                    "--out", str(ctx["tmp"] / "ev"), "--quiet"]))
+    assert "NaN/Inf" in line and f"val/{array}" in line and "[2]" in line
+    assert not (ctx["tmp"] / "ev").exists()
