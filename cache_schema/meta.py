@@ -121,17 +121,22 @@ class DetectorInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class SplitSource:
-    """Where one split's annotations and images came from."""
+    """Where one split's annotations and images came from: the annotation file by content
+    (sha256), by absolute path (a hint) and by path relative to the store (``None`` for stores
+    behind a URL and stores made before it was recorded); see :mod:`cache_schema.inputs`."""
 
     annotation_path: str
     annotation_sha256: str
     image_root: str
+    annotation_relpath: str | None = None
 
     def __post_init__(self) -> None:
         _check_sha("annotation", self.annotation_sha256)
 
     def to_dict(self) -> dict:
-        return {"annotation_path": self.annotation_path, "annotation_sha256": self.annotation_sha256, "image_root": self.image_root}
+        out = {"annotation_path": self.annotation_path, "annotation_sha256": self.annotation_sha256,
+               "image_root": self.image_root}
+        return out if self.annotation_relpath is None else {**out, "annotation_relpath": self.annotation_relpath}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -279,7 +284,7 @@ def meta_differences(recorded: StoreMeta, wanted: StoreMeta) -> list[str]:
     _flatten("", wanted.to_dict(), b)
 
     def ignored(key: str) -> bool:
-        return key in _IGNORED_ON_RESUME or key.endswith(".annotation_path") or key.endswith(".image_root")
+        return key in _IGNORED_ON_RESUME or key.endswith((".annotation_path", ".annotation_relpath", ".image_root"))
 
     diffs = []
     for key in sorted(set(a) | set(b)):

@@ -20,7 +20,7 @@ from cache_schema import open_store
 from cache_schema.errors import DatasetError, SchemaError
 from cache_schema.layout import MASK_DTYPE, split_layout
 from cache_schema.masks import gt_rle, mask_overlaps
-from cache_schema.runtime import sha256_file
+from cache_schema.inputs import resolve_annotation
 from cache_schema.store import create_array
 from extract.datasets.lvis_json import load_annotations
 
@@ -65,9 +65,7 @@ def add_mask_overlaps(store_path: str | Path, *, split: str = "val", progress: b
     if not store.is_complete:
         raise SchemaError(f"store {store.path} is incomplete; finish the extraction (extract --resume) first")
     source = store.meta.dataset.splits[split]
-    json_path = Path(source.annotation_path)
-    if not json_path.is_file() or sha256_file(json_path) != source.annotation_sha256:
-        raise DatasetError(f"{json_path} is missing or differs from the file the store was built from; restore it")
+    json_path = resolve_annotation(store, split)
     annset = load_annotations(json_path, Path(source.image_root))
     gt = target.gt()
     counts = np.bincount(gt.image, minlength=target.num_images) if len(gt) else np.zeros(target.num_images, np.int64)

@@ -38,6 +38,7 @@ from cache_schema.runtime import configure_threads, pick_device, sha256_file
 from extract.datasets.images import read_rgb
 from extract.datasets.lvis_json import AnnotationSet, check_images_exist, class_statistics, load_annotations, resolve_split
 from cache_schema.head_init import write_box_regression, write_head_weights
+from cache_schema.inputs import relative_to_store
 from extract.detectors.backends import check_class_table, load_adapter
 from extract.detectors.base import DetectorAdapter
 from extract.matching import match_rois
@@ -136,15 +137,18 @@ def _load_split(data: Path, name: str, adapter: DetectorAdapter) -> _SplitInput:
 
 
 def _meta(adapter: DetectorAdapter, ckpt: Path, inputs: list[_SplitInput], config: ExtractConfig,
-          rois_per_image: int) -> StoreMeta:
+          rois_per_image: int, out: str) -> StoreMeta:
     desc = adapter.describe()
     detector = DetectorInfo(backend=desc["backend"], arch=desc["arch"], checkpoint_sha256=desc["checkpoint_sha256"],
                             checkpoint_path=str(ckpt), levels=dict(adapter.levels), num_classes=adapter.num_classes,
                             postprocess=adapter.postprocess)
     dataset = DatasetInfo(
-        splits={s.name: SplitSource(annotation_path=str(s.annset.json_path),
+        # Absolute paths plus the json's path relative to the store: the store is read from other
+        # directories and moved with its dataset (cache_schema.inputs).
+        splits={s.name: SplitSource(annotation_path=str(Path(s.annset.json_path).resolve()),
                                     annotation_sha256=sha256_file(s.annset.json_path),
-                                    image_root=str(s.annset.image_root)) for s in inputs},
+                                    image_root=str(Path(s.annset.image_root).resolve()),
+                                    annotation_relpath=relative_to_store(s.annset.json_path, out)) for s in inputs},
         category_ids=inputs[0].annset.cat_ids,
     )
     settings = ExtractionSettings(fg_iou=config.fg_iou, bg_iou=config.fg_iou, rois_per_image=rois_per_image,
@@ -281,7 +285,7 @@ def extract(*, ckpt: Path, data: Path, out: str, config: ExtractConfig, progress
         raise ConfigError(f"--levels {','.join(unknown)} not produced by this detector; choose from {','.join(adapter.levels)}")
     rois_per_image = config.rois_per_image or adapter.default_proposals
     inputs = [_load_split(Path(data), name, adapter) for name in config.splits]
-    meta = _meta(adapter, Path(ckpt), inputs, config, rois_per_image)
+    meta = _meta(adapter, Path(ckpt), inputs, config, rois_per_image, str(out))
     store = _open_or_create(str(out), meta, adapter, inputs, config, rois_per_image)
     start = time.perf_counter()
     images = rois = 0

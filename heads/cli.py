@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 
 from cache_schema.cli_support import friendly_errors
+from cache_schema import open_store
+from cache_schema.inputs import parse_annotations, resolve_annotation
 from heads.combine import CombineConfig
 from heads.config import load_config
 from heads.evaluation import BinSpec, format_table
@@ -51,6 +53,7 @@ def train(
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Run cached evaluation (orig, cal-only, sel) at the end."),
     T: float = typer.Option(300.0, "--T", help="Dual-head threshold on training instances for the final evaluation."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    annotations: list[str] = typer.Option(None, "--annotations", help="SPLIT=PATH: the val json when it is not where the store recorded it."),
 ) -> None:
     """Train or calibrate a classification head from the cache (SimCal: --sampler bilevel --head 3fc_ft)."""
     overrides = _overrides(**{
@@ -59,15 +62,17 @@ def train(
         "run.threads": threads,
     })
     cfg = load_config(config, overrides)
-    if evaluate:
-        CombineConfig(T=T)  # a bad --T is refused now, not after training
+    files = parse_annotations(annotations)
+    if evaluate:  # what the final evaluation needs is checked now, not after training
+        CombineConfig(T=T)
+        resolve_annotation(open_store(cache), "val", files.get("val"))
     result = train_from_store(cache=cache, config=cfg, out_dir=out, stream=stream, progress=not quiet)
     console = Console()
     rate = f", {result.steps_per_second:.1f} steps/s" if result.steps_per_second else ""
     console.print(f"head written to {result.head_path} ({result.steps} steps{rate})")
     if evaluate:
         outcome = evaluate_from_store(cache=cache, head=out, combines=("orig", "cal-only", "sel"), T=T,
-                                      out_dir=out / "eval", progress=not quiet)
+                                      out_dir=out / "eval", progress=not quiet, annotations=files)
         _print_outcome(console, outcome)
 
 
@@ -85,12 +90,13 @@ def evaluate(
     evaluator: str = typer.Option("auto", help="fast (LVISEval's exact rules on arrays, mask IoUs from the store) | "
                                                "lvis-api (paste masks, official API) | auto (fast when the store allows)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    annotations: list[str] = typer.Option(None, "--annotations", help="SPLIT=PATH: the val json when it is not where the store recorded it."),
 ) -> None:
     """Cached evaluation: score the store's val RoIs, combine heads, LVIS AP table."""
     combines = tuple(c.strip() for c in combine.split(",") if c.strip())
     outcome = evaluate_from_store(cache=cache, head=head, combines=combines, T=T, out_dir=out, bins=_bins(bins),
                                   device=device, combine_config=CombineConfig(T=T, boundary=boundary),
-                                  progress=not quiet, evaluator=evaluator)
+                                  progress=not quiet, evaluator=evaluator, annotations=parse_annotations(annotations))
     _print_outcome(Console(), outcome)
 
 

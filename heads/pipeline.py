@@ -17,6 +17,7 @@ from cache_schema.errors import CheckpointError, ConfigError, SchemaError
 from cache_schema.head_init import read_box_regression, read_head_weights
 from cache_schema.postprocess import Postprocess
 from cache_schema.records import RoiSet
+from cache_schema.inputs import resolve_annotation
 from cache_schema.runtime import check_output, pick_device, sha256_file
 from heads.combine import RULES, CombineConfig
 from heads.config import TrainConfig
@@ -243,9 +244,12 @@ def _fast_ground_truth(store: Store, gt_json: Path, evaluator: str, image_ids: l
 def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, ...], T: float,
                         out_dir: Path | None, bins: BinSpec | None = None, device: str | None = None,
                         combine_config: CombineConfig | None = None, progress: bool = True,
-                        evaluator: str = "auto") -> EvalOutcome:
+                        evaluator: str = "auto", annotations: dict[str, Path] | None = None) -> EvalOutcome:
     """Cached evaluation: the original head (``orig``) and/or ``head`` combined by each of
     ``combines`` on the store's val RoIs, scored against the val json.
+
+    ``annotations``: ``{"val": PATH}`` when the val json is not where the store recorded it
+    (:func:`cache_schema.inputs.resolve_annotation`).
 
     ``evaluator``: ``fast`` evaluates arrays with LVISEval's exact rules and the store's mask
     overlaps (:mod:`heads.evaluation.fast_lvis`, equal to the LVIS API, tested); ``lvis-api``
@@ -271,9 +275,7 @@ def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, .
     if "val" not in store.splits:
         raise SchemaError(f"store {store.path} has no val split; extract it with --splits train,val")
     split = store.split("val")
-    gt_json = Path(store.meta.dataset.splits["val"].annotation_path)
-    if not gt_json.is_file():
-        raise SchemaError(f"the val annotation file {gt_json} recorded in the store is gone; restore it or re-extract")
+    gt_json = resolve_annotation(store, "val", (annotations or {}).get("val"))
     level = loaded.meta.get("level", level_for_head(loaded.spec.name)) if loaded else None
     reg = read_box_regression(store)
     if reg is not None and BOX_LEVEL not in split.levels:

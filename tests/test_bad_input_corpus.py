@@ -163,3 +163,33 @@ def test_nan_in_val_features_or_logits_is_found_by_validate_and_refused_by_heads
                                                     "--out", str(ctx["tmp"] / "ev"), "--quiet"]))
     assert "NaN/Inf" in line and f"val/{array}" in line and "[2]" in line
     assert not (ctx["tmp"] / "ev").exists()
+
+
+def test_a_store_is_read_from_another_directory_and_after_moving(ctx, monkeypatch):
+    """Extracted with relative paths in one directory; evaluated from another, then moved with its
+    dataset, then with the json elsewhere (named with --annotations), then with a wrong json."""
+    from tests.pipeline_fixtures import TINY_EXTRACT
+
+    from extract.writer import extract
+
+    work = ctx["tmp"] / "work"
+    shutil.copytree(ctx["data"], work / "data")
+    monkeypatch.chdir(work)
+    extract(ckpt=ctx["ckpt"], data=Path("data"), out="store.zarr", config=TINY_EXTRACT, progress=False)
+    monkeypatch.chdir(ctx["tmp"])
+
+    def heads_eval(store: Path, *extra: str):
+        return RUNNER.invoke(heads_app, ["eval", "--cache", str(store), "--combine", "orig", "--quiet", *extra])
+
+    assert heads_eval(work / "store.zarr").exit_code == 0  # another working directory
+    moved = ctx["tmp"] / "elsewhere"
+    shutil.move(str(work), str(moved))
+    r = heads_eval(moved / "store.zarr")  # store and dataset moved together
+    assert r.exit_code == 0, r.output
+    json_alone = ctx["tmp"] / "val_copy.json"
+    shutil.move(str(moved / "data" / "val.json"), str(json_alone))
+    line = _one_error_line(heads_eval(moved / "store.zarr"))
+    assert "--annotations val=PATH" in line
+    assert heads_eval(moved / "store.zarr", "--annotations", f"val={json_alone}").exit_code == 0
+    line = _one_error_line(heads_eval(moved / "store.zarr", "--annotations", f"val={moved / 'data' / 'train.json'}"))
+    assert "is not the file store" in line
