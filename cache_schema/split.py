@@ -136,7 +136,7 @@ class SplitStore:
         if not self._owner.writable:
             raise ConfigError(f"store {self._owner.path} is open read-only; open it with mode='r+' or open_for_resume")
         if self._owner.is_complete:
-            raise SchemaError(f"store {self._owner.path} is finalized; call Store.invalidate(...) before rewriting images")
+            raise SchemaError(f"store {self._owner.path} is finalized; clear the images first with `roicache cache invalidate`")
         if not 0 <= i < self.num_images:
             raise SchemaError(f"image position {i} is outside split {self.name} (0..{self.num_images - 1})")
         padded, n = self._prepare(i, arrays)
@@ -242,7 +242,7 @@ class SplitStore:
                 raise StoreIncompleteError(
                     f"split {self.name}: {len(missing)} of {len(sel)} requested images are not extracted yet "
                     f"({int(self.done().sum())}/{self.num_images} done, first missing image {int(missing[0])}); "
-                    "resume extraction, or pass require_complete=False to read finished images only"
+                    "finish the extraction (extract --resume)"
                 )
             sel = sel[finished]
         if few:

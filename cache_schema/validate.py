@@ -28,7 +28,7 @@ from cache_schema.store import _location, open_group, read_classes
 _MAX_RUNS = 5
 #: Arrays whose stored RoI rows must be finite (objectness is +inf for appended GT boxes).
 FINITE_PREFIXES = ("feat/", "rois/logits")
-_REPAIR = "clear their done marks with Store.invalidate(split=..., images=...) and resume extraction"
+_REPAIR = "clear them with `roicache cache invalidate STORE --split SPLIT --images ...` and rerun extract with --resume"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,13 +10,14 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import typer
 from rich.console import Console
 
-from cache_schema import export_hdf5, inspect_store, validate_store
-from cache_schema.runtime import check_output
+from cache_schema import export_hdf5, inspect_store, open_store, validate_store
 from cache_schema.cli_support import fail, friendly_errors
-from cache_schema.runtime import configure_threads
+from cache_schema.inputs import parse_annotations
+from cache_schema.runtime import check_output, configure_threads
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Build datasets: the synthetic benchmark, COCO-LT.")
@@ -96,18 +97,45 @@ def cache_validate(
     shallow: bool = typer.Option(False, "--shallow", help="Skip decoding every chunk."),
 ) -> None:
     """Check layout, completion, chunk integrity and recorded input hashes; exit 1 on problems."""
-    files = {}
-    for item in annotations or []:
-        split, sep, path = item.partition("=")
-        if not sep:
-            fail(f"--annotations {item!r} is not SPLIT=FILE (e.g. val=data/val.json)")
-        files[split] = path
+    files = {k: str(v) for k, v in parse_annotations(annotations).items()}
     report = validate_store(store, checkpoint=ckpt, annotations=files or None, deep=not shallow)
     for problem in report.problems:
         typer.echo(f"problem: {problem}", err=True)
     if not report.ok:
         raise typer.Exit(1)
     Console().print(f"{store}: ok")
+
+
+@cache_app.command("invalidate")
+@friendly_errors
+def cache_invalidate(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    split: str = typer.Option(..., help="Split whose images to clear, e.g. val."),
+    images: str = typer.Option(..., help="Image positions, e.g. 3,5,10-12 (as `cache validate` lists them)."),
+) -> None:
+    """Clear images' done marks so that `extract --resume` rewrites them (the repair for what
+    `cache validate` reports damaged)."""
+    positions = _positions(images)
+    s = open_store(store, mode="r+")
+    n = s.split(split).num_images
+    if positions.max() >= n:
+        fail(f"--images {images}: split {split} has images 0-{n - 1}")
+    s.invalidate(split=split, images=positions)
+    Console().print(f"cleared {len(positions)} images of {split}; run extract with --resume to rewrite them")
+
+
+def _positions(text: str) -> np.ndarray:
+    """``"3,5,10-12"`` → int64 ``[3, 5, 10, 11, 12]``; a bad list exits with one line."""
+    out: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            a, _, b = part.partition("-")
+            out += list(range(int(a), int(b or a) + 1))
+    except ValueError:
+        fail(f"--images {text!r} must list positions like 3,5,10-12")
+    if not out or min(out) < 0:
+        fail(f"--images {text!r} must list positions >= 0 like 3,5,10-12")
+    return np.unique(np.asarray(out, dtype=np.int64))
 
 
 @cache_app.command("inspect")

@@ -193,3 +193,17 @@ def test_a_store_is_read_from_another_directory_and_after_moving(ctx, monkeypatc
     assert heads_eval(moved / "store.zarr", "--annotations", f"val={json_alone}").exit_code == 0
     line = _one_error_line(heads_eval(moved / "store.zarr", "--annotations", f"val={moved / 'data' / 'train.json'}"))
     assert "is not the file store" in line
+
+
+class _Arbitrary:
+    """A pickled Python object that is not part of any checkpoint format."""
+
+
+def test_a_checkpoint_with_arbitrary_pickled_objects_is_refused_not_executed(ctx):
+    import torch
+
+    bad = ctx["tmp"] / "pickled.pt"
+    torch.save({"state_dict": {"backbone.w": torch.zeros(1)}, "meta": {"obj": _Arbitrary()}}, bad)
+    r = RUNNER.invoke(extract_app, ["--ckpt", str(bad), "--data", str(ctx["data"]), "--out", str(ctx["tmp"] / "s.zarr")])
+    assert "pickled Python objects other than tensors" in _one_error_line(r)
+    assert "Warning" not in r.output and not (ctx["tmp"] / "s.zarr").exists()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from dataclasses import replace
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -20,7 +22,7 @@ from cache_schema import open_store
 from serve.umbrella import app
 from tests.pipeline_fixtures import TINY_DATA, TINY_EXTRACT
 
-REPAIR = "clear their done marks with Store.invalidate(split=..., images=...) and resume extraction"
+REPAIR = "clear them with `roicache cache invalidate STORE --split SPLIT --images ...` and rerun extract with --resume"
 
 
 def _invoke(*args: str):
@@ -55,6 +57,22 @@ def test_deleted_chunk(copy):
     (copy / "train" / "feat" / "fc" / "c" / "3" / "0").unlink()
     problem = _one_problem(_invoke("cache", "validate", str(copy)))
     assert problem == f"train/feat/fc: chunk(s) missing for image 3 (rows {3 * stride}-{4 * stride - 1}); {REPAIR}"
+
+
+def test_the_repair_it_names_works(copy, tiny_ckpt, tiny_data):
+    """validate → `roicache cache invalidate` → `extract --resume` → validate ok."""
+    from extract.writer import extract
+
+    (copy / "train" / "feat" / "fc" / "c" / "3" / "0").unlink()
+    assert _invoke("cache", "validate", str(copy)).exit_code == 1
+    r = _invoke("cache", "invalidate", str(copy), "--split", "train", "--images", "3")
+    assert r.exit_code == 0, r.output
+    problem = _one_problem(_invoke("cache", "validate", str(copy)))
+    assert "1 of" in problem and "--resume" in problem
+    extract(ckpt=tiny_ckpt, data=tiny_data, out=str(copy), config=replace(TINY_EXTRACT, resume=True), progress=False)
+    assert _invoke("cache", "validate", str(copy)).exit_code == 0
+    assert "must list positions" in _invoke("cache", "invalidate", str(copy), "--split", "train",
+                                            "--images", "x").stderr
 
 
 def test_truncated_chunk(copy):
@@ -97,7 +115,7 @@ def test_other_annotation_file_than_recorded(tiny_store, tiny_data):
 def test_malformed_annotations_option_and_missing_store(tmp_path, tiny_store):
     result = _invoke("cache", "validate", str(tiny_store), "--annotations", "train.json")
     assert result.exit_code == 2
-    assert result.stderr.strip().splitlines() == ["error: --annotations 'train.json' is not SPLIT=FILE (e.g. val=data/val.json)"]
+    assert result.stderr.strip().splitlines() == ["error: --annotations 'train.json' must be SPLIT=PATH, e.g. val=lvis_v1_val.json"]
     problem = _one_problem(_invoke("cache", "validate", str(tmp_path / "nowhere.zarr")))
     assert problem.startswith(f"no zarr store at {tmp_path / 'nowhere.zarr'}")
 

@@ -49,8 +49,8 @@ def test_deleted_chunk_is_reported_with_array_and_rows(store_dir):
     report = validate_store(path)
     _one_line(report)
     assert report.problems == [
-        "train/feat/fc: chunk(s) missing for image 3 (rows 24-31); clear their done marks with "
-        "Store.invalidate(split=..., images=...) and resume extraction"
+        "train/feat/fc: chunk(s) missing for image 3 (rows 24-31); "
+        "clear them with `roicache cache invalidate STORE --split SPLIT --images ...` and rerun extract with --resume"
     ]
     # The fast reader refuses the hole instead of returning zeros like zarr would.
     with pytest.raises(ChunkError, match="no chunk for finished image 3"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,16 @@ BACKENDS: dict[str, type] = {"torchvision": TorchvisionAdapter, "mmdet": MmdetAd
 
 _log = logging.getLogger("roicache")
 
+#: Modules whose pickled objects an mmengine training checkpoint carries besides tensors.
+TRUSTED_PICKLE_MODULES = ("mmengine.", "numpy.")
+
 
 def read_checkpoint(path: str | Path) -> dict:
     """The contents of a detector checkpoint file, as a dict; one-line errors for bad files.
 
     roicache's own files load with ``weights_only=True``. mmengine training checkpoints also
-    pickle a few Python objects (message hub, optimizer state); those are loaded in full, as
-    mmengine itself does — only load checkpoints you trust.
+    pickle a few Python objects (message hub, numpy scalars); those — and only those — are loaded
+    in full, as mmengine itself does: load checkpoints you trust.
     """
     path = Path(path)
     if not path.exists():
@@ -43,13 +47,24 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"detector checkpoint {path} is not a file; give the checkpoint file, not a directory")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        with warnings.catch_warnings():  # torch's warnings would print before our one-line error
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # not a refused Python object: a damaged file
             raise _unreadable(path, exc) from None
-        _log.info("%s holds pickled Python objects besides tensors; loaded it in full (as mmengine does)", path)
+        # Only what mmengine's training checkpoints pickle (its message hub, numpy scalars)
+        # justifies a full load; any other pickled object is refused, not executed.
+        if not any(name in str(exc) for name in TRUSTED_PICKLE_MODULES):
+            raise CheckpointError(f"detector checkpoint {path} holds pickled Python objects other than tensors; "
+                                  "roicache reads roicache and mmengine checkpoints — re-save it with plain tensors") from None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                payload = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:  # noqa: BLE001 - torch raises many types for bad files
+            raise _unreadable(path, exc2) from None
+        _log.info("%s holds mmengine objects besides tensors; loaded it in full, as mmengine does", path)
     except Exception as exc:  # noqa: BLE001
         raise _unreadable(path, exc) from None
     if not isinstance(payload, dict):
