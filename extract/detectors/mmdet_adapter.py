@@ -75,7 +75,8 @@ class MmdetAdapter:
     def from_payload(cls, payload: dict, *, path: Path, device: str | torch.device = "cpu",
                      config: str | None = None) -> "MmdetAdapter":
         """Build the model from its config (``config`` or the checkpoint's) and load its weights."""
-        mc.require_mmdet()
+        # Config and class table are checked before mmcv's ops are stood in (and announced).
+        mc.require_mmdet(ops=False)
         cfg, source = mc.resolve_config(payload, config, path=Path(path))
         mc.check_two_stage(cfg)
         _drop_pretrained(cfg.model)
@@ -83,6 +84,7 @@ class MmdetAdapter:
         if names is None:
             raise ConfigError(f"{path} records no class names (meta.dataset_meta.classes); re-save it with mmengine "
                               "or add them to its meta")
+        mc.require_mmdet()
         model = mc.build_model(cfg, source=source)
         mc.load_weights(model, payload, source=source, path=Path(path))
         model.cfg = cfg

@@ -28,14 +28,17 @@ def is_mmdet_checkpoint(payload: object) -> bool:
                for k in payload["state_dict"])
 
 
-def require_mmdet() -> None:
-    """Import mmdet (with mmcv's ops available) or fail with how to install it."""
+def require_mmdet(*, ops: bool = True) -> None:
+    """Import mmdet or fail with how to install it; with ``ops``, also make mmcv's ops importable
+    (the stand-in, announced once) and register mmdet's modules — what building a model needs."""
     try:
         import mmengine  # noqa: F401
         import mmdet  # noqa: F401
     except ImportError as exc:
         raise ConfigError(f"this is an mmdetection checkpoint but mmdet is not installed ({exc}); "
                           "install the extra: pip install 'roicache[mmdet]'") from None
+    if not ops:
+        return
     from extract.detectors.mmcv_ops import install_standin_ops
 
     install_standin_ops()
