@@ -55,10 +55,12 @@ def data_coco_lt(
     src: Path = typer.Option(..., help="COCO-format training annotation file."),
     out: Path = typer.Option(..., help="Output json (COCO-LT training file, LVIS fields added)."),
     seed: int = typer.Option(0, help="Sampling seed (recorded in the output's info)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file at --out."),
 ) -> None:
     """Build COCO-LT from a COCO training file (SimCal supplement C/I)."""
     from extract.datasets import build_coco_lt
 
+    check_output(out, kind="file", overwrite=overwrite)
     summary = build_coco_lt(src, out, seed=seed)
     Console().print(f"COCO-LT written to {out}: {summary.get('images', '?')} images, {summary.get('instances', '?')} instances")
 
