@@ -13,16 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import torch
 from torchvision.ops import boxes as box_ops
 
 from cache_schema import open_store
 from cache_schema.errors import DatasetError, SchemaError
+from cache_schema.eval_gt import EvalGroundTruth
 from cache_schema.layout import MASK_DTYPE, split_layout
 from cache_schema.masks import gt_rle, mask_overlaps
 from cache_schema.inputs import resolve_annotation
 from cache_schema.store import create_array
-from extract.datasets.lvis_json import load_annotations
+from extract.datasets.lvis_json import AnnotationSet, load_annotations
 
 
 def image_overlaps(*, anns: Sequence[dict], height: int, width: int, reg_boxes: np.ndarray, mask_logits: np.ndarray,
@@ -102,3 +104,34 @@ def _track(items, progress: bool, label: str):
     from rich.progress import track
 
     return track(items, description=label, transient=True)
+
+
+def eval_ground_truth(annset: AnnotationSet) -> EvalGroundTruth | None:
+    """What LVIS evaluation reads from ``annset``'s json, for the store (:mod:`cache_schema.eval_gt`);
+    ``None`` when some annotation was not loaded (crowd or empty boxes: the store's ground truth
+    would then differ from what LVISEval sees) or lacks a segmentation."""
+    if annset.skipped_crowd or annset.skipped_degenerate:
+        return None
+    anns = [(p, a) for p, per_image in enumerate(annset.annotations) for a in per_image]
+    if any(k not in a for _, a in anns for k in ("segmentation", "area", "id")):
+        return None
+    ims = annset.images
+
+    def pairs(field: str) -> np.ndarray:
+        out = [(p, annset.index_of[c]) for p, im in enumerate(ims) for c in getattr(im, field) if c in annset.index_of]
+        return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+    frequency = {"r": 0, "c": 1, "f": 2}
+    return EvalGroundTruth(
+        position=np.asarray([p for p, _ in anns], dtype=np.int64),
+        ann_id=np.asarray([int(a["id"]) for _, a in anns], dtype=np.int64),
+        cat=np.asarray([annset.index_of[a["category_id"]] for _, a in anns], dtype=np.int64),
+        area=np.asarray([float(a["area"]) for _, a in anns], dtype=np.float64),
+        ignore=np.asarray([bool(a.get("ignore", 0)) for _, a in anns], dtype=bool),
+        bbox=np.asarray([[float(v) for v in a["bbox"]] for _, a in anns], dtype=np.float64).reshape(-1, 4),
+        mask_area=np.asarray([int(mask_utils.area(gt_rle(a["segmentation"], ims[p].height, ims[p].width)))
+                              for p, a in anns], dtype=np.int64),
+        neg=pairs("neg_category_ids"), not_exhaustive=pairs("not_exhaustive_category_ids"),
+        frequency=np.asarray([frequency[c.get("frequency", "f")] for c in annset.categories], dtype=np.uint8),
+        instance_count=np.asarray([int(c.get("instance_count", 0)) for c in annset.categories], dtype=np.int64),
+    )

@@ -38,11 +38,12 @@ from cache_schema.runtime import configure_threads, pick_device, sha256_file
 from extract.datasets.images import read_rgb
 from extract.datasets.lvis_json import AnnotationSet, check_images_exist, class_statistics, load_annotations, resolve_split
 from cache_schema.head_init import write_box_regression, write_head_weights
+from cache_schema.eval_gt import write_eval_gt
 from cache_schema.inputs import relative_to_store
 from extract.detectors.backends import check_class_table, load_adapter
 from extract.detectors.base import DetectorAdapter
 from extract.matching import match_rois
-from extract.overlaps import image_overlaps
+from extract.overlaps import eval_ground_truth, image_overlaps
 from extract.progress import ExtractProgress
 from extract.sharding import Shard, batch_groups
 
@@ -206,6 +207,10 @@ def _open_or_create(out: str, meta: StoreMeta, adapter: DetectorAdapter, inputs:
     reg = adapter.box_regression()
     if reg is not None:
         write_box_regression(store, reg)
+    for s in inputs:  # cached evaluation without the json (cache_schema.eval_gt)
+        record = eval_ground_truth(s.annset) if store.split(s.name).mask_overlaps else None
+        if record is not None:
+            write_eval_gt(store.split(s.name).group, record)
     return store
 
 

@@ -17,13 +17,15 @@ from cache_schema.errors import CheckpointError, ConfigError, SchemaError
 from cache_schema.head_init import read_box_regression, read_head_weights
 from cache_schema.postprocess import Postprocess
 from cache_schema.records import RoiSet
+from cache_schema.eval_gt import read_eval_gt
 from cache_schema.inputs import resolve_annotation
 from cache_schema.runtime import check_output, pick_device, sha256_file
 from heads.combine import RULES, CombineConfig
 from heads.config import TrainConfig
 from heads.evaluation import (BinSpec, LvisEvaluator, Metrics, cached_results, detect_cached_arrays, load_gt,
                               write_metrics, write_results)
-from heads.evaluation.fast_inputs import OverlapsUnavailable, det_arrays, evaluate_fast, gt_arrays, store_slots
+from heads.evaluation.fast_inputs import (OverlapsUnavailable, det_arrays, evaluate_fast, gt_arrays, gt_arrays_from_store,
+                                          store_slots)
 from heads.evaluation.fast_lvis import GtArrays
 from heads.models import head_scores, level_for_head, load_head
 from heads.sources import InMemoryRoiSource, StreamingRoiSource
@@ -215,13 +217,23 @@ class EvalOutcome:
     notes: tuple[str, ...] = ()
 
 
-def _fast_ground_truth(store: Store, gt_json: Path, evaluator: str, image_ids: list[int], *,
+def _fast_ground_truth(store: Store, gt_json: Path | None, evaluator: str, image_ids: list[int], *,
                        class_specific: bool = False) -> tuple[GtArrays | None, str]:
-    """The ground truth for array evaluation, or None and why the LVIS API has to be used."""
+    """The ground truth for array evaluation, or None and why the LVIS API has to be used.
+    ``gt_json`` None: the json was not found; the store's own copy (:mod:`cache_schema.eval_gt`)
+    stands in for it."""
     if evaluator == "lvis-api":
         return None, "evaluator: lvis-api (asked for)"
     split = store.split("val")
     reason = ""
+    if gt_json is None:
+        record = read_eval_gt(split.group)
+        gt_table = split.gt()
+        slots = store_slots(gt_table.image, gt_table.ann_id) if split.mask_overlaps else None
+        gt = gt_arrays_from_store(record, position_ids=split.image_ids, category_ids=store.classes.category_ids,
+                                  image_ids=image_ids, slots=slots)
+        return gt, ("evaluator: fast (LVISEval's rules on arrays, mask IoUs from the store's overlaps; ground truth "
+                    "from the store, the annotation file was not found)")
     if class_specific and split.with_masks:
         reason = ("the stored mask overlaps are of each RoI's top-class box, class-specific detections need their "
                   "masks pasted into their own boxes")
@@ -275,7 +287,14 @@ def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, .
     if "val" not in store.splits:
         raise SchemaError(f"store {store.path} has no val split; extract it with --splits train,val")
     split = store.split("val")
-    gt_json = resolve_annotation(store, "val", (annotations or {}).get("val"))
+    try:
+        gt_json: Path | None = resolve_annotation(store, "val", (annotations or {}).get("val"))
+    except ConfigError:
+        # Without the json, array evaluation can still run from the ground truth the store keeps.
+        if (annotations or {}).get("val") is not None or evaluator == "lvis-api" or split.with_masks and not \
+                split.mask_overlaps or read_eval_gt(split.group) is None:
+            raise
+        gt_json = None
     level = loaded.meta.get("level", level_for_head(loaded.spec.name)) if loaded else None
     reg = read_box_regression(store)
     if reg is not None and BOX_LEVEL not in split.levels:

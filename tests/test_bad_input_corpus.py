@@ -191,7 +191,10 @@ def test_a_store_is_read_from_another_directory_and_after_moving(ctx, monkeypatc
     assert r.exit_code == 0, r.output
     json_alone = ctx["tmp"] / "val_copy.json"
     shutil.move(str(moved / "data" / "val.json"), str(json_alone))
-    line = _one_error_line(heads_eval(moved / "store.zarr"))
+    # Without the json, array evaluation runs from the ground truth the store keeps; the LVIS API
+    # itself needs the file and says how to give it.
+    assert heads_eval(moved / "store.zarr").exit_code == 0
+    line = _one_error_line(heads_eval(moved / "store.zarr", "--evaluator", "lvis-api"))
     assert "--annotations val=PATH" in line
     assert heads_eval(moved / "store.zarr", "--annotations", f"val={json_alone}").exit_code == 0
     line = _one_error_line(heads_eval(moved / "store.zarr", "--annotations", f"val={moved / 'data' / 'train.json'}"))
@@ -210,3 +213,56 @@ def test_a_checkpoint_with_arbitrary_pickled_objects_is_refused_not_executed(ctx
     r = RUNNER.invoke(extract_app, ["--ckpt", str(bad), "--data", str(ctx["data"]), "--out", str(ctx["tmp"] / "s.zarr")])
     assert "pickled Python objects other than tensors" in _one_error_line(r)
     assert "Warning" not in r.output and not (ctx["tmp"] / "s.zarr").exists()
+
+
+def test_cached_evaluation_without_the_json_equals_evaluation_with_it(ctx):
+    """The store keeps what LVIS evaluation reads of the val json (cache_schema.eval_gt): with the
+    json gone, heads eval gives exactly the same metrics, and says where the ground truth came from."""
+    import numpy as np
+    from lvis import LVIS
+
+    from cache_schema import open_store
+    from cache_schema.eval_gt import read_eval_gt
+    from heads.evaluation.fast_inputs import gt_arrays, gt_arrays_from_store, store_slots
+    from heads.pipeline import evaluate_from_store
+
+    store = open_store(ctx["store"])
+    split = store.split("val")
+    record = read_eval_gt(split.group)
+    assert record is not None
+    # The store's copy gives the very arrays the json gives.
+    json_path = Path(store.meta.dataset.splits["val"].annotation_path)
+    ids = [int(i) for i in split.image_ids]
+    slots = store_slots(split.gt().image, split.gt().ann_id)
+    a = gt_arrays(LVIS(str(json_path)), ids, slots=slots)
+    b = gt_arrays_from_store(record, position_ids=split.image_ids, category_ids=store.classes.category_ids,
+                             image_ids=ids, slots=slots)
+    for name in ("image_ids", "cat_ids", "image", "cat", "area", "ignore", "bbox", "neg", "not_exhaustive",
+                 "instance_count", "mask_area", "slot"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.frequency == b.frequency
+
+    copy = ctx["tmp"] / "store_copy.zarr"
+    shutil.copytree(ctx["store"], copy)
+    with_json = evaluate_from_store(cache=str(copy), head=ctx["head"], combines=("orig", "sel"), T=300.0,
+                                    out_dir=None, progress=False)
+    data_copy = ctx["tmp"] / "data_gone"
+    shutil.copytree(ctx["data"], data_copy)
+    # The same store, its json no longer anywhere it recorded: point the record at a missing file.
+    import zarr
+
+    group = zarr.open_group(str(copy), mode="r+")
+    attrs = dict(group.attrs["roicache"])
+    attrs["dataset"]["splits"]["val"]["annotation_path"] = str(ctx["tmp"] / "nowhere" / "val.json")
+    attrs["dataset"]["splits"]["val"].pop("annotation_relpath", None)
+    group.attrs["roicache"] = attrs
+    without = evaluate_from_store(cache=str(copy), head=ctx["head"], combines=("orig", "sel"), T=300.0,
+                                  out_dir=None, progress=False)
+    for name in ("orig", "sel"):
+        assert with_json.rows[name].segm == without.rows[name].segm
+        assert with_json.rows[name].bbox == without.rows[name].bbox
+    assert any("ground truth from the store" in n for n in without.rows["orig"].notes)
+    # The LVIS API itself needs the json: asked for explicitly, it says how to give it.
+    with pytest.raises(Exception, match="--annotations val=PATH"):
+        evaluate_from_store(cache=str(copy), head=None, combines=("orig",), T=300.0, out_dir=None, progress=False,
+                            evaluator="lvis-api")

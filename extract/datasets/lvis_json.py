@@ -27,12 +27,15 @@ COMMON_MAX_IMAGES = 100
 
 @dataclass(frozen=True, kw_only=True)
 class ImageRecord:
-    """One image: json id, path relative to the image root, and size in pixels."""
+    """One image: json id, path relative to the image root, size in pixels, and LVIS's
+    federated labels (json category ids verified absent / not exhaustively annotated)."""
 
     id: int
     file_name: str
     height: int
     width: int
+    neg_category_ids: tuple[int, ...] = ()
+    not_exhaustive_category_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,7 +165,9 @@ def load_annotations(json_path: Path, image_root: Path | None = None) -> Annotat
     cat_ids = tuple(int(c["id"]) for c in categories)
     index_of = {cid: k for k, cid in enumerate(cat_ids)}
     images = tuple(
-        ImageRecord(id=int(im["id"]), file_name=_file_name(im, path), height=int(im["height"]), width=int(im["width"]))
+        ImageRecord(id=int(im["id"]), file_name=_file_name(im, path), height=int(im["height"]), width=int(im["width"]),
+                    neg_category_ids=tuple(int(c) for c in im.get("neg_category_ids") or ()),
+                    not_exhaustive_category_ids=tuple(int(c) for c in im.get("not_exhaustive_category_ids") or ()))
         for im in sorted(data["images"], key=lambda im: int(im["id"]))
     )
     position_of = {im.id: p for p, im in enumerate(images)}

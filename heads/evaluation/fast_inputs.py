@@ -11,6 +11,7 @@ import torch
 from lvis import LVIS
 
 from cache_schema.errors import ConfigError, DatasetError
+from cache_schema.eval_gt import EvalGroundTruth
 from heads.evaluation.detections import Detections
 from heads.evaluation.fast_lvis import DetArrays, GtArrays, evaluate_arrays
 from heads.evaluation.metrics import BinSpec, IouMetrics, Metrics, summarize_precision
@@ -56,6 +57,45 @@ def gt_arrays(gt: LVIS, image_ids: Sequence[int], *, slots: Mapping[int, int] | 
             raise OverlapsUnavailable(f"{len(missing)} annotations (e.g. id {missing[0]}) have no mask overlaps in the store")
         out["slot"] = np.asarray([slots[a["id"]] for a in anns], dtype=np.int64)
         out["mask_area"] = np.asarray([int(mask_utils.area(gt.ann_to_rle(a))) for a in anns], dtype=np.int64)
+    return GtArrays(**out)
+
+
+def gt_arrays_from_store(record: EvalGroundTruth, *, position_ids: np.ndarray, category_ids: Sequence[int],
+                         image_ids: Sequence[int], slots: Mapping[int, int] | None = None) -> GtArrays:
+    """:func:`gt_arrays` from the ground truth the store keeps (:mod:`cache_schema.eval_gt`)
+    instead of the json: the same arrays, in LVIS's order (image id, then json order).
+
+    ``position_ids``: int64 ``[S]`` json id of every split position; ``category_ids``: the json's
+    category ids ascending (the store's class table)."""
+    ids = np.unique(np.asarray(list(image_ids), dtype=np.int64))
+    position_ids = np.asarray(position_ids, dtype=np.int64)
+    index_of_id = {int(i): k for k, i in enumerate(ids)}
+    img_of_ann = position_ids[record.position]
+    keep = np.flatnonzero(np.isin(img_of_ann, ids))
+    keep = keep[np.argsort(img_of_ann[keep], kind="stable")]  # by image id; json order within
+    k = len(category_ids)
+
+    def keys(pairs: np.ndarray) -> np.ndarray:
+        img = position_ids[pairs[:, 0]]
+        ok = np.isin(img, ids)
+        return np.unique(np.asarray([index_of_id[int(i)] for i in img[ok]], dtype=np.int64) * k + pairs[ok, 1])
+
+    out = dict(
+        image_ids=ids, cat_ids=np.asarray(category_ids, dtype=np.int64),
+        image=np.asarray([index_of_id[int(i)] for i in img_of_ann[keep]], dtype=np.int64),
+        cat=record.cat[keep].astype(np.int64), area=record.area[keep].astype(np.float64),
+        ignore=record.ignore[keep].astype(bool), bbox=record.bbox[keep].astype(np.float64).reshape(-1, 4),
+        neg=keys(record.neg), not_exhaustive=keys(record.not_exhaustive),
+        frequency=tuple(("r", "c", "f")[int(v)] for v in record.frequency),
+        instance_count=record.instance_count.astype(np.int64),
+    )
+    if slots is not None:
+        ann_ids = record.ann_id[keep]
+        missing = [int(a) for a in ann_ids if int(a) not in slots]
+        if missing:
+            raise OverlapsUnavailable(f"{len(missing)} annotations (e.g. id {missing[0]}) have no mask overlaps in the store")
+        out["slot"] = np.asarray([slots[int(a)] for a in ann_ids], dtype=np.int64)
+        out["mask_area"] = record.mask_area[keep].astype(np.int64)
     return GtArrays(**out)
 
 
