@@ -34,7 +34,7 @@ from cache_schema import (
 )
 from cache_schema.errors import (ConfigError, DatasetError, StoreExistsError, StoreNotFoundError,
                                  StoreUninitializedError)
-from cache_schema.runtime import configure_threads, pick_device, sha256_file
+from cache_schema.runtime import check_output, configure_threads, pick_device, sha256_file
 from extract.datasets.images import read_rgb
 from extract.datasets.lvis_json import AnnotationSet, check_images_exist, class_statistics, load_annotations, resolve_split
 from cache_schema.head_init import write_box_regression, write_head_weights
@@ -284,6 +284,8 @@ def extract(*, ckpt: Path, data: Path, out: str, config: ExtractConfig, progress
     """Fill the store at ``out`` with this shard's images; returns what was written."""
     configure_threads(config.threads)
     device = pick_device(config.device)
+    if "://" not in str(out) and not Path(out).exists():  # an existing path: the store checks say more
+        check_output(out, kind="dir")  # its parents, before the detector loads
     adapter = load_adapter(ckpt, device=device, config=config.detector_config)
     unknown = [lv for lv in config.levels if lv not in adapter.levels]
     if unknown:

@@ -45,6 +45,7 @@ def data_synth(
 
     config = SynthConfig(num_classes=num_classes, train_images=train_images, val_images=val_images,
                          image_size=image_size, seed=seed)
+    check_output(out, kind="dir")  # before generating: no temporary folder named in an error
     path = generate(config, out, progress=not quiet, overwrite=overwrite)
     Console().print(f"benchmark written to {path}")
 
@@ -86,6 +87,7 @@ def detector_train(
     overrides = {k: v for k, v in (("max_steps", max_steps), ("time_budget_s", time_budget),
                                    ("processes", processes)) if v is not None}
     config = replace(config, **overrides)
+    check_output(out, kind="dir")
     path = train_detector(data_dir=data, out_dir=out, config=config, progress=not quiet)
     Console().print(f"detector checkpoint: {path}")
 
