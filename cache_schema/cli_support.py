@@ -37,7 +37,7 @@ def friendly_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except RoicacheError as e:
             fail(str(e))
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
             target = e.filename or ""
             fail(f"{e.strerror or type(e).__name__}: {target} — check the path and its permissions")
         except KeyboardInterrupt:

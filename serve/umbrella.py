@@ -187,6 +187,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Run directory; valid 
     from serve.demo import run_demo
 
     configure_threads()
+    check_output(out, kind="dir")
     run_demo(out_dir=out, progress=not quiet)
 
 
