@@ -26,6 +26,11 @@ from cache_schema.store import _location, open_group, read_classes
 
 # Runs of damaged images listed per array before the rest is summarised, to keep output readable.
 _MAX_RUNS = 5
+#: Seed of the images ``sample`` decodes (the same images on every run: results are comparable).
+SAMPLE_SEED = 0
+#: Images per split decoded by default above :data:`FULL_BELOW` finished images (``sample="auto"``).
+AUTO_SAMPLE = 2000
+FULL_BELOW = 20000
 #: Arrays whose stored RoI rows must be finite (objectness is +inf for appended GT boxes).
 FINITE_PREFIXES = ("feat/", "rois/logits")
 _REPAIR = "clear them with `roicache cache invalidate STORE --split SPLIT --images ...` and rerun extract with --resume"
@@ -48,6 +53,7 @@ class ValidationReport:
     incomplete: dict[str, int] = field(default_factory=dict)
     chunks_checked: int = 0
     deep: bool = True
+    sampled: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -56,6 +62,8 @@ class ValidationReport:
     def format(self) -> str:
         if self.ok:
             how = f"{self.chunks_checked} chunks decoded" if self.deep else "chunk contents not decoded (deep=False)"
+            if self.sampled:
+                how += "; sampled images decoded: " + ", ".join(f"{k} {v}" for k, v in self.sampled.items())
             return f"{self.path}: OK ({how})"
         return "\n".join(f"{self.path}: {p}" for p in self.problems)
 
@@ -86,10 +94,12 @@ def _describe(idx: list[int] | np.ndarray, spec: ArraySpec, unit: str) -> str:
 class _Checker:
     """Accumulates problems while walking one store."""
 
-    def __init__(self, group: zarr.Group, meta: StoreMeta, deep: bool) -> None:
+    def __init__(self, group: zarr.Group, meta: StoreMeta, deep: bool, sample: int | None = None) -> None:
         self.group = group
         self.meta = meta
         self.deep = deep
+        self.sample = sample
+        self.sampled: dict[str, int] = {}  # split -> images whose chunks were decoded, when sampled
         self.problems: list[str] = []
         self.chunks_checked = 0
         self._keys: set[str] | None = None
@@ -149,11 +159,13 @@ class _Checker:
         return bad, nonfinite
 
     def check_chunks(self, where: str, arr: zarr.Array, spec: ArraySpec, chunk_ids: np.ndarray, unit: str, fix: str,
-                     finite_rows: np.ndarray | None = None) -> None:
+                     finite_rows: np.ndarray | None = None, decode: np.ndarray | None = None) -> None:
+        """Every chunk of ``chunk_ids`` must exist; those of ``decode`` (default: all) must decode."""
         missing = self.missing_chunks(arr, chunk_ids)
         if missing:
             self.problems.append(f"{where}/{spec.path}: chunk(s) missing for {_describe(missing, spec, unit)}; {fix}")
-        present = sorted(set(int(c) for c in chunk_ids) - set(missing))
+        wanted = chunk_ids if decode is None else decode
+        present = sorted(set(int(c) for c in wanted) - set(missing))
         bad, nonfinite = self.corrupt_chunks(arr, present, finite_rows)
         if bad:
             self.problems.append(f"{where}/{spec.path}: chunk(s) corrupt or truncated for {_describe(bad, spec, unit)}; {fix}")
@@ -211,11 +223,16 @@ class _Checker:
         if len(over):
             self.problems.append(f"{name}/images/num_rois: {len(over)} finished images have a count outside [0, {k}] (first: image {int(over[0])}); {_REPAIR}")
         self.check_chunks(name, arrays["images/num_rois"], layout["images/num_rois"], finished, "image", _REPAIR)
+        decode = None
+        if self.sample is not None and len(finished) > self.sample:
+            # A seeded sample of images is decoded (every chunk's presence is still checked).
+            decode = np.sort(np.random.default_rng(SAMPLE_SEED).choice(finished, self.sample, replace=False))
+            self.sampled[name] = len(decode)
         for path, spec in layout.items():
             if spec.kind == KIND_ROI and arrays[path] is not None:
                 # Features and logits must be finite in every RoI an image holds (one image per chunk).
                 finite = counts if path.startswith(FINITE_PREFIXES) else None
-                self.check_chunks(name, arrays[path], spec, finished, "image", _REPAIR, finite_rows=finite)
+                self.check_chunks(name, arrays[path], spec, finished, "image", _REPAIR, finite_rows=finite, decode=decode)
         return int(n - len(finished))
 
 
@@ -257,10 +274,15 @@ def validate_store(
     checkpoint: str | os.PathLike | None = None,
     annotations: dict[str, str | os.PathLike] | None = None,
     deep: bool = True,
+    sample: int | str | None = None,
 ) -> ValidationReport:
     """Check schema version, layout, completion, chunk integrity and (when given) that the
     checkpoint and annotation files are the ones the store was built from. Never raises for a
-    damaged store: every finding is one line in ``report.problems``."""
+    damaged store: every finding is one line in ``report.problems``.
+
+    ``sample``: decode the chunks (and check the finiteness) of only this many seeded images per
+    split; ``"auto"``: all of a split's images up to :data:`FULL_BELOW`, :data:`AUTO_SAMPLE`
+    above; ``None``: all. Chunk presence is always checked for every image."""
     location = _location(path)
     group, problem = _open(location)
     if group is None:
@@ -275,7 +297,9 @@ def validate_store(
         return ValidationReport(path=location, problems=[str(exc)], deep=deep)
     if not attrs.get(INITIALIZED_ATTR, False):
         return ValidationReport(path=location, problems=["store is not initialized (its creation is running or was interrupted); wait for it, or create it again (--overwrite)"], deep=deep)
-    checker = _Checker(group, meta, deep)
+    if sample == "auto":
+        sample = AUTO_SAMPLE if any(int(group[s].attrs.get("num_images", 0)) > FULL_BELOW for s in meta.splits) else None
+    checker = _Checker(group, meta, deep, sample)
     checker.problems.extend(_check_inputs(meta, checkpoint, annotations))
     classes_ok = True
     try:
@@ -298,4 +322,5 @@ def validate_store(
             checker.problems.append(f"{name}: {count} of {total} images are not extracted yet; resume extraction (--resume)")
     if attrs.get(COMPLETE_ATTR, False) and any(incomplete.values()):
         checker.problems.append("store is marked complete but has unfinished images; the done marks were cleared without Store.invalidate, resume extraction")
-    return ValidationReport(path=location, problems=checker.problems, incomplete=incomplete, chunks_checked=checker.chunks_checked, deep=deep)
+    return ValidationReport(path=location, problems=checker.problems, incomplete=incomplete,
+                            chunks_checked=checker.chunks_checked, deep=deep, sampled=checker.sampled)

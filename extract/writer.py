@@ -84,6 +84,10 @@ class ExtractConfig:
             raise ConfigError("--levels is empty; name at least one feature level, e.g. pooled,fc")
         if self.rois_per_image is not None and self.rois_per_image < 1:
             raise ConfigError(f"--rois-per-image must be >= 1, got {self.rois_per_image}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1 (or left out for every core), got {self.threads}")
         if not 0.0 < self.fg_iou <= 1.0:
             raise ConfigError(f"--fg-iou must lie in (0, 1], got {self.fg_iou}")
         if self.resume and self.overwrite:

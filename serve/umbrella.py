@@ -99,15 +99,23 @@ def cache_validate(
     ckpt: Path = typer.Option(None, help="Check the store was built from this detector checkpoint."),
     annotations: list[str] = typer.Option(None, help="SPLIT=FILE: check the split was built from this annotation file."),
     shallow: bool = typer.Option(False, "--shallow", help="Skip decoding every chunk."),
+    quick: bool = typer.Option(False, "--quick", help="Decode a seeded sample of 200 images per split."),
+    full: bool = typer.Option(False, "--full", help="Decode every image even in large stores (default: "
+                                                     "all up to 20,000 images per split, a 2,000-image sample above)."),
 ) -> None:
-    """Check layout, completion, chunk integrity and recorded input hashes; exit 1 on problems."""
+    """Check layout, completion, chunk integrity, NaN/Inf in features and logits, and recorded input
+    hashes; exit 1 on problems."""
+    if quick and full:
+        fail("--quick and --full contradict each other; pick one")
     files = {k: str(v) for k, v in parse_annotations(annotations).items()}
-    report = validate_store(store, checkpoint=ckpt, annotations=files or None, deep=not shallow)
+    report = validate_store(store, checkpoint=ckpt, annotations=files or None, deep=not shallow,
+                            sample=200 if quick else None if full else "auto")
     for problem in report.problems:
         typer.echo(f"problem: {problem}", err=True)
     if not report.ok:
         raise typer.Exit(1)
-    Console().print(f"{store}: ok")
+    sampled = "".join(f", {n} sampled {k} images decoded" for k, n in report.sampled.items())
+    Console().print(f"{store}: ok{sampled}")
 
 
 @cache_app.command("invalidate")

@@ -179,3 +179,19 @@ def test_add_mask_overlaps_recomputes_what_extraction_stored(copy, tiny_store):
     assert "nothing to do" in " ".join(_invoke("cache", "add-mask-overlaps", str(copy), "--quiet").stdout.split())
     bad = _invoke("cache", "add-mask-overlaps", str(copy), "--split", "train", "--quiet")
     assert bad.exit_code != 0 and "stores no mask logits" in bad.output and "Traceback" not in bad.output
+
+
+def test_quick_validation_decodes_a_seeded_sample(copy):
+    from cache_schema import validate_store
+
+    full = validate_store(copy)
+    quick = validate_store(copy, sample=3)
+    again = validate_store(copy, sample=3)
+    assert full.ok and quick.ok and full.sampled == {}
+    assert quick.sampled == {"train": 3, "val": 3} and quick.chunks_checked == again.chunks_checked
+    assert quick.chunks_checked < full.chunks_checked
+    # A chunk missing anywhere is still found: presence is checked for every image.
+    (copy / "train" / "feat" / "fc" / "c" / "3" / "0").unlink()
+    assert not validate_store(copy, sample=3).ok
+    r = _invoke("cache", "validate", str(copy), "--quick", "--full")
+    assert r.exit_code == 2 and "contradict" in r.stderr
