@@ -60,15 +60,21 @@ def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str
     return h.hexdigest()
 
 
-def check_output(path: str | os.PathLike[str], *, kind: str, flag: str = "--out", overwrite: bool = False) -> Path:
+def check_output(path: str | os.PathLike[str], *, kind: str, flag: str = "--out", overwrite: bool = False,
+                 marker: str | None = None) -> Path:
     """Refuse, before any work, an output location that cannot be written as ``kind``.
 
     ``kind="dir"``: ``path`` may exist as a directory (runs resume there), not as a file.
     ``kind="file"``: an existing file is refused unless ``overwrite`` (no silent overwrite); a
     directory is refused. Either way no ancestor may be a file, and the nearest existing
-    ancestor must be writable. Nothing is created.
+    ancestor must be writable. Nothing is created. ``marker``: a file a previous run of the same
+    command leaves in the directory (``eval_summary.json``); found there, the directory is refused
+    unless ``overwrite``, since its results would be replaced.
     """
     path = Path(path)
+    if kind == "dir" and marker is not None and not overwrite and (path / marker).is_file():
+        raise ConfigError(f"{flag} {path} already holds results ({marker}); pass --overwrite to replace them, "
+                          "or choose another directory")
     if path.exists():
         if kind == "dir" and not path.is_dir():
             raise ConfigError(f"{flag} {path} is an existing file; give a directory path")

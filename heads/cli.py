@@ -87,6 +87,7 @@ def evaluate(
     bins: str = typer.Option("lvis", help="AP-bin preset: lvis | coco-lt."),
     out: Path = typer.Option(None, help="Write results and metrics json here."),
     device: str = typer.Option(None, help="auto | cpu | cuda[:i]"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of a previous evaluation in --out."),
     evaluator: str = typer.Option("auto", help="fast (LVISEval's exact rules on arrays, mask IoUs from the store) | "
                                                "lvis-api (paste masks, official API) | auto (fast when the store allows)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
@@ -96,7 +97,8 @@ def evaluate(
     combines = tuple(c.strip() for c in combine.split(",") if c.strip())
     outcome = evaluate_from_store(cache=cache, head=head, combines=combines, T=T, out_dir=out, bins=_bins(bins),
                                   device=device, combine_config=CombineConfig(T=T, boundary=boundary),
-                                  progress=not quiet, evaluator=evaluator, annotations=parse_annotations(annotations))
+                                  progress=not quiet, evaluator=evaluator, annotations=parse_annotations(annotations),
+                                  overwrite=overwrite)
     _print_outcome(Console(), outcome)
 
 

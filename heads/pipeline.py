@@ -256,10 +256,12 @@ def _fast_ground_truth(store: Store, gt_json: Path | None, evaluator: str, image
 def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, ...], T: float,
                         out_dir: Path | None, bins: BinSpec | None = None, device: str | None = None,
                         combine_config: CombineConfig | None = None, progress: bool = True,
-                        evaluator: str = "auto", annotations: dict[str, Path] | None = None) -> EvalOutcome:
+                        evaluator: str = "auto", annotations: dict[str, Path] | None = None,
+                        overwrite: bool = True) -> EvalOutcome:
     """Cached evaluation: the original head (``orig``) and/or ``head`` combined by each of
     ``combines`` on the store's val RoIs, scored against the val json.
 
+    ``overwrite``: False refuses an ``out_dir`` holding a previous evaluation (the CLI's default).
     ``annotations``: ``{"val": PATH}`` when the val json is not where the store recorded it
     (:func:`cache_schema.inputs.resolve_annotation`).
 
@@ -274,7 +276,7 @@ def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, .
     (:data:`MASK_NOTE`).
     """
     if out_dir is not None:
-        out_dir = check_output(out_dir, kind="dir")  # before any work
+        out_dir = check_output(out_dir, kind="dir", overwrite=overwrite, marker="eval_summary.json")  # before any work
     unknown = [c for c in combines if c not in RULES]
     if unknown:
         raise ConfigError(f"unknown combine scheme(s) {unknown}; choose from {', '.join(RULES)}")

@@ -59,6 +59,7 @@ def eval_command(
     batch_size: int = typer.Option(4, help="Images per detector batch."),
     limit: int = typer.Option(None, help="Evaluate only the first N val images (quick check)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of a previous evaluation in --out."),
 ) -> None:
     """Full inference on the val images with dual-head scoring; mask and box AP with the LVIS API."""
     from serve.evaluate import evaluate_detector
@@ -67,7 +68,7 @@ def eval_command(
     run = evaluate_detector(ckpt=ckpt, data=data, out_dir=out or ckpt.parent / f"eval_{ckpt.stem}",
                             combines=combines, T=T, sweep_T=_floats(sweep_T), bins=BinSpec.preset(bins),
                             device=device, batch_size=batch_size, progress=not quiet, limit=limit,
-                            detector_config=config)
+                            detector_config=config, overwrite=overwrite)
     console = Console()
     console.print(run.table())
     console.print(f"{run.images} images, inference {run.images / max(run.inference_seconds, 1e-9):.2f} img/s; "

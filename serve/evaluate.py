@@ -95,7 +95,8 @@ def _row_name(c: Combination, many_T: bool) -> str:
 def evaluate_detector(*, ckpt: Path, data: Path, out_dir: Path, combines: tuple[str, ...] | None = None,
                       T: float | None = None, sweep_T: tuple[float, ...] = (), bins: BinSpec | None = None,
                       device: str | None = None, batch_size: int = 4, max_dets: int = 300,
-                      progress: bool = True, limit: int | None = None, detector_config: str | None = None) -> EvalRun:
+                      progress: bool = True, limit: int | None = None, detector_config: str | None = None,
+                      overwrite: bool = True) -> EvalRun:
     """Run ``ckpt`` over ``data``'s val split and evaluate each requested combination.
 
     ``combines`` default to the checkpoint's own rule (``orig`` for a plain detector); ``T``
@@ -107,7 +108,8 @@ def evaluate_detector(*, ckpt: Path, data: Path, out_dir: Path, combines: tuple[
         raise ConfigError(f"--batch-size {batch_size} must be >= 1")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit} must be >= 1 (or left out for every val image)")
-    out_dir = check_output(out_dir, kind="dir")  # before inference: no time lost on a bad --out
+    # Before inference: no time lost on a bad --out; False refuses a previous evaluation's folder.
+    out_dir = check_output(out_dir, kind="dir", overwrite=overwrite, marker="eval_summary.json")
     if T is not None:
         CombineConfig(T=T)
     json_path, image_root = resolve_split(Path(data), "val")

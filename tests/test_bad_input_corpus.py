@@ -228,6 +228,11 @@ def test_a_store_is_read_from_another_directory_and_after_moving(ctx, monkeypatc
     shutil.move(str(work), str(moved))
     r = heads_eval(moved / "store.zarr")  # store and dataset moved together
     assert r.exit_code == 0, r.output
+    # Trained on after the move, with its final cached evaluation finding the json again.
+    r = RUNNER.invoke(heads_app, ["train", "--cache", str(moved / "store.zarr"), "--out", str(ctx["tmp"] / "moved_run"),
+                                  "--head", "lastfc", "--steps", "2", "--milestones", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert (ctx["tmp"] / "moved_run" / "eval" / "metrics_sel.json").is_file()
     json_alone = ctx["tmp"] / "val_copy.json"
     shutil.move(str(moved / "data" / "val.json"), str(json_alone))
     # Without the json, array evaluation runs from the ground truth the store keeps; the LVIS API
@@ -305,3 +310,20 @@ def test_cached_evaluation_without_the_json_equals_evaluation_with_it(ctx):
     with pytest.raises(Exception, match="--annotations val=PATH"):
         evaluate_from_store(cache=str(copy), head=None, combines=("orig",), T=300.0, out_dir=None, progress=False,
                             evaluator="lvis-api")
+
+
+@pytest.mark.parametrize("app,argv", [
+    ("heads", lambda c, out: ["eval", "--cache", c["store"], "--head", c["head"], "--combine", "orig", "--out", out,
+                              "--quiet"]),
+    ("serve", lambda c, out: ["eval", "--ckpt", c["ckpt"], "--data", c["data"], "--out", out, "--limit", "2",
+                              "--quiet"]),
+])
+def test_a_previous_evaluation_is_replaced_only_with_overwrite(app, argv, ctx):
+    out = ctx["tmp"] / "ev"
+    args = [str(a) for a in argv(ctx, out)]
+    assert RUNNER.invoke(APPS[app], args).exit_code == 0
+    before = (out / "eval_summary.json").read_text()
+    assert "already holds results" in _one_error_line(RUNNER.invoke(APPS[app], args))
+    assert (out / "eval_summary.json").read_text() == before
+    r = RUNNER.invoke(APPS[app], [*args, "--overwrite"])
+    assert r.exit_code == 0, r.output
