@@ -35,7 +35,7 @@ from heads.config import TrainConfig, config_to_dict, dump_toml, training_identi
 from heads.models import HeadSpec, save_head
 from heads.fasa import FeatureAugmenter
 from heads.monitor import ValRois, per_class_val_loss, prepare_val, val_accuracy
-from heads.sources import RoiSource, check_finite
+from heads.sources import NonFiniteFeatureError, RoiIndex, RoiSource, check_finite
 
 _LOSS_RNG_STREAM = 7
 
@@ -61,6 +61,17 @@ class TrainResult:
     final_loss: float | None
     steps_per_second: float | None
     metrics: dict
+
+
+def _non_finite(x: torch.Tensor, rows: np.ndarray, index: RoiIndex) -> NonFiniteFeatureError:
+    """The error naming the train images whose cached features in this batch are not finite."""
+    bad = (~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)).cpu().numpy()
+    blocks = np.searchsorted(index.image_offsets, rows[bad], side="right") - 1
+    images = np.unique(index.images[blocks]).tolist()
+    return NonFiniteFeatureError(
+        f"train/feat: NaN/Inf in the cached features of {int(bad.sum())} RoIs of train images {images[:5]}"
+        f"{' …' if len(images) > 5 else ''}; run `roicache cache validate` to list every damaged image, clear them "
+        "with `roicache cache invalidate` and rerun extract with --resume")
 
 
 def _loss_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -145,7 +156,10 @@ def _run_loop(*, config: TrainConfig, head: nn.Module, spec: HeadSpec, optimizer
         batch = sampler.batch(step)
         feats, labels = source.gather(batch.rows)
         x = feats.to(device, non_blocking=True).float()
-        check_finite(x, what=f"train step {step}")
+        try:
+            check_finite(x, what=f"train step {step}")
+        except NonFiniteFeatureError:
+            raise _non_finite(x, np.asarray(batch.rows), source.index) from None
         loss = _train_step(head, optimizer, loss_fn, x, labels.to(device), step=step, fasa=fasa,
                            generator=_loss_generator(run.seed, step, device), grad_clip=sch.grad_clip)
         window_loss += loss

@@ -327,3 +327,19 @@ def test_a_previous_evaluation_is_replaced_only_with_overwrite(app, argv, ctx):
     assert (out / "eval_summary.json").read_text() == before
     r = RUNNER.invoke(APPS[app], [*args, "--overwrite"])
     assert r.exit_code == 0, r.output
+
+
+def test_nan_in_train_features_stops_training_with_the_images_named(ctx):
+    import numpy as np
+    import zarr
+
+    store = ctx["tmp"] / "nan_train.zarr"
+    shutil.copytree(ctx["store"], store)
+    arr = zarr.open_group(str(store), mode="r+")["train/feat/fc"]
+    values = np.asarray(arr[...])
+    values[:] = np.nan
+    arr[...] = values
+    line = _one_error_line(RUNNER.invoke(heads_app, ["train", "--cache", str(store), "--out", str(ctx["tmp"] / "run"),
+                                                     "--head", "lastfc", "--steps", "3", "--quiet"]))
+    assert "train/feat: NaN/Inf in the cached features" in line and "train images [" in line
+    assert "roicache cache invalidate" in line
