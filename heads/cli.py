@@ -9,11 +9,11 @@ from rich.console import Console
 
 from cache_schema.cli_support import friendly_errors
 from cache_schema import open_store
-from cache_schema.inputs import parse_annotations, resolve_annotation
+from cache_schema.inputs import parse_annotations
 from heads.combine import CombineConfig
 from heads.config import load_config
 from heads.evaluation import BinSpec, format_table
-from heads.pipeline import EvalOutcome, evaluate_from_store, train_from_store
+from heads.pipeline import EvalOutcome, evaluate_from_store, train_from_store, val_ground_truth
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -65,7 +65,7 @@ def train(
     files = parse_annotations(annotations)
     if evaluate:  # what the final evaluation needs is checked now, not after training
         CombineConfig(T=T)
-        resolve_annotation(open_store(cache), "val", files.get("val"))
+        val_ground_truth(open_store(cache), files)
     result = train_from_store(cache=cache, config=cfg, out_dir=out, stream=stream, progress=not quiet)
     console = Console()
     rate = f", {result.steps_per_second:.1f} steps/s" if result.steps_per_second else ""

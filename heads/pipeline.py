@@ -253,6 +253,21 @@ def _fast_ground_truth(store: Store, gt_json: Path | None, evaluator: str, image
     return None, f"evaluator: lvis-api ({reason})"
 
 
+def val_ground_truth(store: Store, annotations: dict[str, Path] | None, evaluator: str = "auto") -> Path | None:
+    """The val json cached evaluation will read, or ``None`` when it is not found but the store
+    keeps the ground truth array evaluation needs (:mod:`cache_schema.eval_gt`); else the
+    one-line error of :func:`cache_schema.inputs.resolve_annotation`."""
+    given = (annotations or {}).get("val")
+    try:
+        return resolve_annotation(store, "val", given)
+    except ConfigError:
+        split = store.split("val")
+        if given is not None or evaluator == "lvis-api" or (split.with_masks and not split.mask_overlaps) \
+                or read_eval_gt(split.group) is None:
+            raise
+        return None
+
+
 def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, ...], T: float,
                         out_dir: Path | None, bins: BinSpec | None = None, device: str | None = None,
                         combine_config: CombineConfig | None = None, progress: bool = True,
@@ -289,14 +304,7 @@ def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, .
     if "val" not in store.splits:
         raise SchemaError(f"store {store.path} has no val split; extract it with --splits train,val")
     split = store.split("val")
-    try:
-        gt_json: Path | None = resolve_annotation(store, "val", (annotations or {}).get("val"))
-    except ConfigError:
-        # Without the json, array evaluation can still run from the ground truth the store keeps.
-        if (annotations or {}).get("val") is not None or evaluator == "lvis-api" or split.with_masks and not \
-                split.mask_overlaps or read_eval_gt(split.group) is None:
-            raise
-        gt_json = None
+    gt_json = val_ground_truth(store, annotations, evaluator)
     level = loaded.meta.get("level", level_for_head(loaded.spec.name)) if loaded else None
     reg = read_box_regression(store)
     if reg is not None and BOX_LEVEL not in split.levels:

@@ -67,6 +67,9 @@ CASES = [
     ("bbox_with_a_string", "extract",
      lambda c: ["--ckpt", c["ckpt"], "--data", _bad_data(c, _set_bbox([1, 2, "3", 4])), "--out", c["tmp"] / "s.zarr"],
      "must hold four finite numbers", ["s.zarr"]),
+    ("bbox_with_nan", "extract",
+     lambda c: ["--ckpt", c["ckpt"], "--data", _bad_data(c, _set_bbox([1, 2, float("nan"), 4])), "--out", c["tmp"] / "s.zarr"],
+     "must hold four finite numbers", ["s.zarr"]),
     ("bbox_negative_width", "extract",
      lambda c: ["--ckpt", c["ckpt"], "--data", _bad_data(c, _set_bbox([1, 2, -3, 4])), "--out", c["tmp"] / "s.zarr"],
      "negative width or height", ["s.zarr"]),
@@ -238,6 +241,9 @@ def test_a_store_is_read_from_another_directory_and_after_moving(ctx, monkeypatc
     # Without the json, array evaluation runs from the ground truth the store keeps; the LVIS API
     # itself needs the file and says how to give it.
     assert heads_eval(moved / "store.zarr").exit_code == 0
+    r = RUNNER.invoke(heads_app, ["train", "--cache", str(moved / "store.zarr"), "--out", str(ctx["tmp"] / "run2"),
+                                  "--head", "lastfc", "--steps", "2", "--milestones", "1", "--quiet"])
+    assert r.exit_code == 0, r.output  # trained and evaluated without the json
     line = _one_error_line(heads_eval(moved / "store.zarr", "--evaluator", "lvis-api"))
     assert "--annotations val=PATH" in line
     assert heads_eval(moved / "store.zarr", "--annotations", f"val={json_alone}").exit_code == 0
