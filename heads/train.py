@@ -63,15 +63,14 @@ class TrainResult:
     metrics: dict
 
 
-def _non_finite(x: torch.Tensor, rows: np.ndarray, index: RoiIndex) -> NonFiniteFeatureError:
+def _non_finite(x: torch.Tensor, rows: np.ndarray, index: RoiIndex, step: int) -> NonFiniteFeatureError:
     """The error naming the train images whose cached features in this batch are not finite."""
     bad = (~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)).cpu().numpy()
-    blocks = np.searchsorted(index.image_offsets, rows[bad], side="right") - 1
-    images = np.unique(index.images[blocks]).tolist()
+    images = np.unique(index.images[index.blocks_of_rows(rows[bad])]).tolist()
     return NonFiniteFeatureError(
-        f"train/feat: NaN/Inf in the cached features of {int(bad.sum())} RoIs of train images {images[:5]}"
-        f"{' …' if len(images) > 5 else ''}; run `roicache cache validate` to list every damaged image, clear them "
-        "with `roicache cache invalidate` and rerun extract with --resume")
+        f"train step {step}: NaN/Inf in the cached features (train/feat) of {int(bad.sum())} RoIs of train images "
+        f"{images[:5]}{' …' if len(images) > 5 else ''}; run `roicache cache validate` to list every damaged image, "
+        "clear them with `roicache cache invalidate` and re-extract them (extract --resume)")
 
 
 def _loss_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -159,7 +158,7 @@ def _run_loop(*, config: TrainConfig, head: nn.Module, spec: HeadSpec, optimizer
         try:
             check_finite(x, what=f"train step {step}")
         except NonFiniteFeatureError:
-            raise _non_finite(x, np.asarray(batch.rows), source.index) from None
+            raise _non_finite(x, np.asarray(batch.rows), source.index, step) from None
         loss = _train_step(head, optimizer, loss_fn, x, labels.to(device), step=step, fasa=fasa,
                            generator=_loss_generator(run.seed, step, device), grad_clip=sch.grad_clip)
         window_loss += loss

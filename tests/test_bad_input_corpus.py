@@ -347,5 +347,5 @@ def test_nan_in_train_features_stops_training_with_the_images_named(ctx):
     arr[...] = values
     line = _one_error_line(RUNNER.invoke(heads_app, ["train", "--cache", str(store), "--out", str(ctx["tmp"] / "run"),
                                                      "--head", "lastfc", "--steps", "3", "--quiet"]))
-    assert "train/feat: NaN/Inf in the cached features" in line and "train images [" in line
+    assert "NaN/Inf in the cached features (train/feat)" in line and "train images [" in line
     assert "roicache cache invalidate" in line
