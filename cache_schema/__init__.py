@@ -3,6 +3,7 @@
 Imports no other roicache package. See ``docs/cache.md`` for the on-disk layout.
 """
 
+from cache_schema.differences import meta_differences
 from cache_schema.hdf5 import export_hdf5
 from cache_schema.layout import ArraySpec, classes_layout, roi_arrays, split_layout
 from cache_schema.meta import (
@@ -14,7 +15,6 @@ from cache_schema.meta import (
     SplitSource,
     SplitSpec,
     StoreMeta,
-    meta_differences,
 )
 from cache_schema.postprocess import BoxRegression, Postprocess
 from cache_schema.records import ROI_COLUMNS, ClassInfo, RoiSet

@@ -26,7 +26,8 @@ from cache_schema.layout import (
     split_attrs,
     split_layout,
 )
-from cache_schema.meta import SplitSpec, StoreMeta, meta_differences
+from cache_schema.differences import meta_differences
+from cache_schema.meta import SplitSpec, StoreMeta
 from cache_schema.records import FREQUENCY_GROUPS, ClassInfo
 from cache_schema.split import SplitStore
 
