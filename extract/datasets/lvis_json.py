@@ -98,6 +98,29 @@ def resolve_split(data: Path, split: str) -> tuple[Path, Path]:
     raise DatasetError(f"dataset path {data} does not exist; pass a dataset directory or an annotation json file")
 
 
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_area_and_segmentation(ann: dict, where: str) -> None:
+    """``area`` a finite number >= 0; ``segmentation`` polygons (lists of an even number >= 4 of
+    finite numbers) or an RLE dict with ``size`` and ``counts`` — what LVIS evaluation reads."""
+    if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+        raise DatasetError(f"{where} area {ann['area']!r} must be a finite number >= 0; fix the file")
+    seg = ann.get("segmentation")
+    if seg is None:
+        return
+    if isinstance(seg, dict):
+        if "size" not in seg or "counts" not in seg:
+            raise DatasetError(f"{where} segmentation RLE needs 'size' and 'counts'; fix the file")
+        return
+    ok = isinstance(seg, list) and all(isinstance(p, list) and len(p) >= 4 and len(p) % 2 == 0
+                                       and all(_is_number(v) for v in p) for p in seg)
+    if not ok:
+        raise DatasetError(f"{where} segmentation must be polygons (lists of x, y numbers) or an "
+                           "RLE dict; fix the file")
+
+
 def _require(items: list, kind: str, keys: tuple[str, ...], path: Path) -> None:
     for i, item in enumerate(items):
         if not isinstance(item, dict):
@@ -187,6 +210,7 @@ def load_annotations(json_path: Path, image_root: Path | None = None) -> Annotat
             raise DatasetError(f"{where} bbox {bbox} must hold four finite numbers [x, y, w, h]; fix the file")
         if bbox[2] < 0 or bbox[3] < 0:
             raise DatasetError(f"{where} bbox {bbox} has a negative width or height; fix the file")
+        _check_area_and_segmentation(ann, where)
         if ann.get("iscrowd", 0):
             crowd += 1
             continue
