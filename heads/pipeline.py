@@ -19,7 +19,7 @@ from cache_schema.postprocess import Postprocess
 from cache_schema.records import RoiSet
 from cache_schema.eval_gt import read_eval_gt
 from cache_schema.inputs import resolve_annotation
-from cache_schema.runtime import check_output, pick_device, sha256_file
+from cache_schema.runtime import check_output, pick_device
 from heads.combine import RULES, CombineConfig
 from heads.config import TrainConfig
 from heads.evaluation import (BinSpec, LvisEvaluator, Metrics, cached_results, detect_cached_arrays, load_gt,
@@ -220,8 +220,8 @@ class EvalOutcome:
 def _fast_ground_truth(store: Store, gt_json: Path | None, evaluator: str, image_ids: list[int], *,
                        class_specific: bool = False) -> tuple[GtArrays | None, str]:
     """The ground truth for array evaluation, or None and why the LVIS API has to be used.
-    ``gt_json`` None: the json was not found; the store's own copy (:mod:`cache_schema.eval_gt`)
-    stands in for it."""
+    ``gt_json`` is content-checked already (:func:`val_ground_truth`); None: the json was not
+    found and the store's own copy (:mod:`cache_schema.eval_gt`) stands in for it."""
     if evaluator == "lvis-api":
         return None, "evaluator: lvis-api (asked for)"
     split = store.split("val")
@@ -239,8 +239,6 @@ def _fast_ground_truth(store: Store, gt_json: Path | None, evaluator: str, image
                   "masks pasted into their own boxes")
     elif split.with_masks and not split.mask_overlaps:
         reason = "the store has no mask overlaps (extracted before they were added); re-extract val for fast evaluation"
-    elif sha256_file(gt_json) != store.meta.dataset.splits["val"].annotation_sha256:
-        reason = f"{gt_json} changed since extraction, so the stored mask overlaps may not match it; re-extract val"
     else:
         gt_table = split.gt()
         slots = store_slots(gt_table.image, gt_table.ann_id) if split.mask_overlaps else None
