@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from cache_schema import open_store  # noqa: E402
 from cache_schema.runtime import pick_device  # noqa: E402
 from extract.datasets.lvis_json import load_annotations, resolve_split  # noqa: E402
-from heads.combine import CombineConfig  # noqa: E402
+from heads.combine import Combination  # noqa: E402
 from heads.config import load_config  # noqa: E402
 from heads.evaluation import evaluate_lvis, load_gt  # noqa: E402
 from heads.evaluation.cached import detect_cached_arrays  # noqa: E402
@@ -80,8 +80,9 @@ def cached_steps(store_path: Path, head: Path, combine: str, T: float, limit: in
     probs = score_rois(loaded, val.features, device=pick_device("cpu"))
     stages["score RoIs with the new head"] = time.perf_counter() - t
     t = time.perf_counter()
-    dets = detect_cached_arrays(roiset=val, class_info=store.classes, cal_probs=probs, combine=combine,
-                                config=CombineConfig(T=T), image_ids=split.image_ids, image_sizes=split.image_sizes,
+    dets = detect_cached_arrays(roiset=val, class_info=store.classes, cal_probs=probs,
+                                combination=Combination(rule=combine, T=T), image_ids=split.image_ids,
+                                image_sizes=split.image_sizes,
                                 progress=False)
     stages["combine + detection assembly (NMS, top 300)"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -102,7 +103,7 @@ def breakdown(store_path: Path, ckpt: Path, head: Path, combine: str, T: float, 
     annset = load_annotations(json_path, root)
     t = time.perf_counter()
     det = DualHeadDetector(path=ckpt, device=pick_device("cpu"))
-    combination = det.with_default(combine=combine, T=T)
+    combination = det.with_default(rule=combine, T=T)
     out["full"]["load detector"] = time.perf_counter() - t
     t = time.perf_counter()
     results = run_inference(det, annset, combinations=(combination,), batch_size=4, progress=False, limit=limit)[0]
@@ -144,20 +145,22 @@ def main() -> None:
     data = Path(store.meta.dataset.splits["val"].annotation_path).parent
     head = _head(a.store, a.head, 30 if a.quick else a.head_steps)
     work = C.BENCH_OUT / "eval"
-    injected = inject(ckpt=Path(store.meta.detector.checkpoint_path), head=head, combine=a.combine, T=a.T,
-                      out=work / f"detector_{a.combine}.pt")
+    injected = inject(ckpt=Path(store.meta.detector.checkpoint_path), head=head,
+                      combination=Combination(rule=a.combine, T=a.T), out=work / f"detector_{a.combine}.pt")
     got: dict[str, object] = {}
 
     def cached() -> None:
         if a.limit is None:
-            got["cached"] = evaluate_from_store(cache=str(a.store), head=head, combines=(a.combine,), T=a.T,
+            got["cached"] = evaluate_from_store(cache=str(a.store), head=head,
+                                                combinations=(Combination(rule=a.combine, T=a.T),),
                                                 out_dir=None, progress=False).rows[a.combine]
         else:
             got["cached"] = cached_steps(a.store, head, a.combine, a.T, a.limit)
 
     def cached_api() -> None:
         if a.limit is None:
-            got["cached-api"] = evaluate_from_store(cache=str(a.store), head=head, combines=(a.combine,), T=a.T,
+            got["cached-api"] = evaluate_from_store(cache=str(a.store), head=head,
+                                                    combinations=(Combination(rule=a.combine, T=a.T),),
                                                     out_dir=None, progress=False, evaluator="lvis-api").rows[a.combine]
 
     def full() -> None:

@@ -29,6 +29,7 @@ import torch
 
 from cache_schema import open_store
 from cache_schema.head_init import read_head_weights
+from heads.combine import Combination
 from heads.config import load_config
 from heads.pipeline import FROM_DETECTOR, evaluate_from_store, train_from_store
 from serve.online import calibrate_online
@@ -110,7 +111,8 @@ def bench_head(*, store: Path, ckpt: Path, head: str, steps: int, repeats: int, 
     if combines:
         ev = {}
         for mode in ("cache", "online"):
-            ev[mode] = evaluate_from_store(cache=str(store), head=runs[mode][0]["dir"], combines=combines, T=300.0,
+            ev[mode] = evaluate_from_store(cache=str(store), head=runs[mode][0]["dir"],
+                                           combinations=Combination(T=300.0).per_rule(combines),
                                            out_dir=work / f"eval_{mode}", progress=False).rows
         erows = []
         for c in combines:

@@ -15,6 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
+from heads.combine import Combination
 from heads.config import load_config
 from heads.pipeline import evaluate_from_store, train_from_store
 
@@ -28,7 +29,7 @@ def run_seed(store: str, seed: int, steps: int, out: Path) -> dict:
     t0 = time.perf_counter()
     train_from_store(cache=store, config=cfg, out_dir=out, progress=False)
     train_s = time.perf_counter() - t0
-    outcome = evaluate_from_store(cache=store, head=out, combines=("orig", "cal-only", "sel"), T=300.0,
+    outcome = evaluate_from_store(cache=store, head=out, combinations=Combination(T=300.0).per_rule(("orig", "cal-only", "sel")),
                                   out_dir=out / "eval", progress=False)
     rows = {}
     for name, m in outcome.rows.items():

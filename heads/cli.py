@@ -10,10 +10,10 @@ from rich.console import Console
 from cache_schema.cli_support import friendly_errors
 from cache_schema import open_store
 from cache_schema.inputs import parse_annotations
-from heads.combine import CombineConfig
+from heads.combine import FIELD_HELP, Combination
 from heads.config import load_config
 from heads.evaluation import BinSpec, format_table
-from heads.pipeline import EvalOutcome, evaluate_from_store, train_from_store, val_ground_truth
+from heads.pipeline import EvalOutcome, evaluate_from_store, head_combination, train_from_store, val_ground_truth
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -25,6 +25,16 @@ def _overrides(**flags) -> dict:
 
 def _bins(name: str) -> BinSpec:
     return BinSpec.preset(name)
+
+
+def _recorded(key: str) -> str:
+    """Help of a combination flag of ``heads eval``: what it sets and where its default comes from."""
+    return f"{FIELD_HELP[key]} Default: the head run's recorded combine.{key}, else {getattr(Combination(), key)}."
+
+
+def _rules(text: str) -> tuple[str, ...]:
+    """``--combine`` of ``heads eval``: comma-separated rule names."""
+    return tuple(c.strip() for c in text.split(",") if c.strip())
 
 
 def _print_outcome(console: Console, outcome: EvalOutcome) -> None:
@@ -50,8 +60,12 @@ def train(
     device: str = typer.Option(None, help="auto (cuda when present) | cpu | cuda[:i]"),
     threads: int = typer.Option(None, help="Torch threads (1 is fastest on a busy 2-core box)."),
     stream: str = typer.Option("auto", help="auto | always | never: stream per-image blocks instead of loading the level."),
-    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Run cached evaluation (orig, cal-only, sel) at the end."),
-    T: float = typer.Option(300.0, "--T", help="Dual-head threshold on training instances for the final evaluation."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Run cached evaluation (orig, cal-only, combine.rule) at the end."),
+    combine: str = typer.Option(None, help="combine.rule: the dual-head rule recorded with the head (default sel)."),
+    T: float = typer.Option(None, "--T", help="combine.T. " + FIELD_HELP["T"]),
+    boundary: str = typer.Option(None, help="combine.boundary: " + FIELD_HELP["boundary"]),
+    thr: float = typer.Option(None, help="combine.thr. " + FIELD_HELP["thr"]),
+    scale_ratio: str = typer.Option(None, "--scale-ratio", help="combine.scale_ratio: " + FIELD_HELP["scale_ratio"]),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     annotations: list[str] = typer.Option(None, "--annotations", help="SPLIT=PATH: the val json when it is not where the store recorded it."),
 ) -> None:
@@ -59,20 +73,21 @@ def train(
     overrides = _overrides(**{
         "sampler.name": sampler, "loss.name": loss, "head.name": head, "schedule.max_steps": steps,
         "schedule.lr": lr, "schedule.milestones": milestones, "run.seed": seed, "run.device": device,
-        "run.threads": threads,
+        "run.threads": threads, "combine.rule": combine, "combine.T": T, "combine.boundary": boundary,
+        "combine.thr": thr, "combine.scale_ratio": scale_ratio,
     })
     cfg = load_config(config, overrides)
     files = parse_annotations(annotations)
     if evaluate:  # what the final evaluation needs is checked now, not after training
-        CombineConfig(T=T)
         val_ground_truth(open_store(cache), files)
     result = train_from_store(cache=cache, config=cfg, out_dir=out, stream=stream, progress=not quiet)
     console = Console()
     rate = f", {result.steps_per_second:.1f} steps/s" if result.steps_per_second else ""
     console.print(f"head written to {result.head_path} ({result.steps} steps{rate})")
     if evaluate:
-        outcome = evaluate_from_store(cache=cache, head=out, combines=("orig", "cal-only", "sel"), T=T,
-                                      out_dir=out / "eval", progress=not quiet, annotations=files)
+        combinations = cfg.combine.per_rule(("orig", "cal-only", cfg.combine.rule))
+        outcome = evaluate_from_store(cache=cache, head=out, combinations=combinations, out_dir=out / "eval",
+                                      progress=not quiet, annotations=files)
         _print_outcome(console, outcome)
 
 
@@ -82,8 +97,10 @@ def evaluate(
     cache: str = typer.Option(..., help="Store path or URL."),
     head: Path = typer.Option(None, help="Run directory (or head.pt) from `heads train`; omit for the original head only."),
     combine: str = typer.Option("orig,cal-only,sel", help="Comma-separated: orig, cal-only, avg, sel, sel-thr, sel-scale, sel-norm, det."),
-    T: float = typer.Option(300.0, "--T", help="sel*: classes with at most T training instances take the calibrated score."),
-    boundary: str = typer.Option("le", help="le (N <= T, paper) | lt (N < T, official code)."),
+    T: float = typer.Option(None, "--T", help=_recorded("T")),
+    boundary: str = typer.Option(None, help=_recorded("boundary")),
+    thr: float = typer.Option(None, help=_recorded("thr")),
+    scale_ratio: str = typer.Option(None, "--scale-ratio", help=_recorded("scale_ratio")),
     bins: str = typer.Option("lvis", help="AP-bin preset: lvis | coco-lt."),
     out: Path = typer.Option(None, help="Write results and metrics json here."),
     device: str = typer.Option(None, help="auto | cpu | cuda[:i]"),
@@ -94,13 +111,15 @@ def evaluate(
     annotations: list[str] = typer.Option(None, "--annotations", help="SPLIT=PATH: the val json when it is not where the store recorded it."),
 ) -> None:
     """Cached evaluation: score the store's val RoIs, combine heads, LVIS AP table."""
-    combines = tuple(c.strip() for c in combine.split(",") if c.strip())
-    outcome = evaluate_from_store(cache=cache, head=head, combines=combines, T=T, out_dir=out, bins=_bins(bins),
-                                  device=device, combine_config=CombineConfig(T=T, boundary=boundary),
-                                  progress=not quiet, evaluator=evaluator, annotations=parse_annotations(annotations),
-                                  overwrite=overwrite)
+    base = head_combination(head).override(T=T, boundary=boundary, thr=thr, scale_ratio=scale_ratio)
+    outcome = evaluate_from_store(cache=cache, head=head, combinations=base.per_rule(_rules(combine)), out_dir=out,
+                                  bins=_bins(bins), device=device, progress=not quiet, evaluator=evaluator,
+                                  annotations=parse_annotations(annotations), overwrite=overwrite)
     _print_outcome(Console(), outcome)
 
 
 def main() -> None:
     app()
+
+from heads.sweep.cli import app as sweep_app  # noqa: E402 - the sub-app imports this package's modules
+app.add_typer(sweep_app, name="sweep")

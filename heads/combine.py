@@ -17,13 +17,17 @@ Rules (``RULES``, name -> class):
     ``cal-only``   s = p_cal[:, :C]
     ``avg``        s = (p_orig[:, :C] + p_cal[:, :C]) / 2
     ``sel``        s[:, z] = p_cal[:, z] if sel(N_z, T) else p_orig[:, z]; background = p_orig[:, C]
-    ``sel-thr``    as ``sel`` with p_cal[p_cal < thr] = 0 first (thr = 0.05)
+    ``sel-thr``    as ``sel`` with p_cal[p_cal < thr] = 0 first (``thr``, 0.05)
     ``sel-scale``  as ``sel`` with p_cal[:, :C] * r first, r = mean_n p_cal[n, C] / mean_n p_orig[n, C]
                    (``scale_ratio="cal/orig"``, the supplement's wording) or the inverse
                    (``"orig/cal"``, DESIGN.md's wording); means over the N rows given (one image
                    in inference), result clipped to 1
     ``sel-norm``   as ``sel``, then the row [s, p_orig[:, C]] is divided by its sum
     ``det``        streams (p_orig[:, :C], p_cal[:, :C]); merged at detection level
+
+The rule and its settings (T, boundary, thr, scale_ratio) are one validated record,
+:class:`Combination`, used by ``heads train``'s ``[combine]`` section, ``heads eval``, the
+checkpoint ``serve inject`` writes and ``serve eval``.
 
 ``sel(N_z, T)`` is ``N_z <= T`` (``boundary="le"``, the paper, T = 300) or ``N_z < T``
 (``boundary="lt"``, the official code, which uses T = 100 on LVIS and 400 on COCO-LT).
@@ -32,36 +36,63 @@ Rules (``RULES``, name -> class):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
-from cache_schema.errors import ConfigError
+from cache_schema.errors import CheckpointError, ConfigError
 
 BOUNDARIES = ("le", "lt")
 SCALE_RATIOS = ("cal/orig", "orig/cal")
 
 
+#: One line per setting of :class:`Combination`: the help of the command-line flags.
+FIELD_HELP = {
+    "T": "sel*: classes with at most T training instances take the calibrated score (inf: all).",
+    "boundary": "le (N <= T, paper) | lt (N < T, official code).",
+    "thr": "sel-thr: calibrated scores below this probability are zeroed (paper: 0.05).",
+    "scale_ratio": "sel-scale: cal/orig (supplement) | orig/cal (DESIGN.md) ratio of mean background scores.",
+}
+
+
+def _number(name: str, value) -> float:
+    """``value`` as a float; refuses bools and non-numbers (a TOML/JSON typo must not pass)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"combine: {name}={value!r} must be a number")
+    return float(value)
+
+
 @dataclass(frozen=True, kw_only=True)
-class CombineConfig:
-    """Settings of the combination rules.
+class Combination:
+    """How the original and the calibrated head's scores become one: the rule and its settings.
+
+    One record everywhere: ``heads train`` (its ``[combine]`` section), ``heads eval``, the
+    ``calibration`` record ``serve inject`` writes into a checkpoint, ``serve eval``.
 
     Attributes:
-        T: instance-count threshold of the ``sel*`` rules (training instances); ``math.inf``
-            selects the calibrated head for every class.
+        rule: a rule of :data:`RULES` (``orig``, ``cal-only``, ``avg``, ``sel``, ...).
+        T: instance-count threshold of the ``sel*`` rules (training instances, float >= 0);
+            ``math.inf`` selects the calibrated head for every class.
         boundary: ``"le"`` (N_z <= T, paper) or ``"lt"`` (N_z < T, official code).
-        thr: probability below which ``sel-thr`` zeroes calibrated scores.
+        thr: probability in [0, 1) below which ``sel-thr`` zeroes calibrated scores.
         scale_ratio: direction of the background-mean ratio of ``sel-scale`` (see module doc).
     """
 
+    rule: str = "sel"
     T: float = 300.0
     boundary: Literal["le", "lt"] = "le"
     thr: float = 0.05
     scale_ratio: Literal["cal/orig", "orig/cal"] = "cal/orig"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.rule, str) or self.rule not in RULES:
+            raise ConfigError(f"combine: rule {self.rule!r} unknown; choose one of {', '.join(RULES)}")
+        # Stored as float: T=300 (TOML int) and T=300.0 are the same combination.
+        object.__setattr__(self, "T", _number("T", self.T))
+        object.__setattr__(self, "thr", _number("thr", self.thr))
         if math.isnan(self.T) or self.T < 0:
             raise ConfigError(f"combine: T={self.T} must be a count >= 0 (or inf); e.g. T=300")
         if self.boundary not in BOUNDARIES:
@@ -72,9 +103,56 @@ class CombineConfig:
             raise ConfigError(f"combine: scale_ratio {self.scale_ratio!r} unknown; use 'cal/orig' or 'orig/cal'")
 
     def use_cal(self, instance_count: torch.Tensor) -> torch.Tensor:
-        """bool ``[C]``: classes whose score comes from the calibrated head."""
+        """bool ``[C]``: classes whose score comes from the calibrated head (``instance_count``:
+        int ``[C]`` training instances per class)."""
         counts = instance_count.to(torch.float64)
         return counts <= self.T if self.boundary == "le" else counts < self.T
+
+    def override(self, **changes) -> "Combination":
+        """A copy with the fields given and not None changed (``dataclasses.replace``, validated):
+        how command-line flags left unset fall back to a recorded combination."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def per_rule(self, rules: Iterable[str]) -> tuple["Combination", ...]:
+        """These settings under each of ``rules`` (each rule once, order kept): the rows of one
+        evaluation, which are keyed by rule."""
+        return tuple(self.override(rule=r) for r in dict.fromkeys(rules))
+
+    def to_dict(self) -> dict:
+        """Plain JSON-valid dict; ``T = inf`` becomes the string ``"inf"`` (JSON has no infinity)."""
+        return {"rule": self.rule, "T": self.T if math.isfinite(self.T) else "inf", "boundary": self.boundary,
+                "thr": self.thr, "scale_ratio": self.scale_ratio}
+
+    @classmethod
+    def from_dict(cls, d: dict, *, where: str = "combination record") -> "Combination":
+        """Inverse of :meth:`to_dict`; missing keys take the defaults (records written before a
+        field existed). A malformed record raises :class:`CheckpointError` naming ``where``, a
+        bad value the :class:`ConfigError` of validation."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{where}: combination must be a table of settings, got {type(d).__name__}")
+        valid = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in valid]
+        if unknown:
+            raise CheckpointError(f"{where}: unknown combination key {unknown[0]!r}; valid keys: {', '.join(valid)}")
+        values = dict(d)
+        if isinstance(values.get("T"), str):
+            values["T"] = _parse_T(values["T"], where=where)
+        return cls(**values)
+
+
+def _parse_T(text: str, *, where: str = "combine") -> float:
+    """A threshold written as text: a number or ``inf`` (JSON records, TOML strings)."""
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ConfigError(f"{where}: T={text!r} must be a number or inf, e.g. 300") from None
+
+
+def recorded_combination(head_meta: dict | None) -> Combination:
+    """The ``[combine]`` section a head run recorded (``heads train`` keeps its resolved config in
+    the head's meta); the record's defaults for a head trained before that section existed."""
+    section = ((head_meta or {}).get("config") or {}).get("combine")
+    return Combination() if section is None else Combination.from_dict(section, where="the head's [combine] config")
 
 
 def _check_probs(name: str, p: torch.Tensor, c: int | None) -> None:
@@ -122,13 +200,13 @@ class Rule:
         p_orig: torch.Tensor,
         p_cal: torch.Tensor | None,
         instance_count: torch.Tensor | np.ndarray,
-        config: CombineConfig,
+        config: Combination,
     ) -> tuple[torch.Tensor, ...]:
         po, pc, counts = _prepare(p_orig=p_orig, p_cal=p_cal, instance_count=instance_count, need_cal=self.needs_cal)
         return tuple(s.contiguous() for s in self.streams(po, pc, counts, config))
 
     def streams(
-        self, po: torch.Tensor, pc: torch.Tensor | None, counts: torch.Tensor, config: CombineConfig
+        self, po: torch.Tensor, pc: torch.Tensor | None, counts: torch.Tensor, config: Combination
     ) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
@@ -161,7 +239,7 @@ class Avg(Rule):
         return ((po[:, :-1] + pc[:, :-1]) * 0.5,)
 
 
-def _select(po_fg: torch.Tensor, pc_fg: torch.Tensor, counts: torch.Tensor, config: CombineConfig) -> torch.Tensor:
+def _select(po_fg: torch.Tensor, pc_fg: torch.Tensor, counts: torch.Tensor, config: Combination) -> torch.Tensor:
     """Foreground columns of the ``sel`` rule: cal for tail classes, orig for the others."""
     return torch.where(config.use_cal(counts)[None, :], pc_fg, po_fg)
 
@@ -250,7 +328,8 @@ def combine_scores(
     p_orig: torch.Tensor,
     p_cal: torch.Tensor | None,
     instance_count: torch.Tensor | np.ndarray,
-    config: CombineConfig | None = None,
+    config: Combination | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Apply rule ``name``; returns its score streams (float32 ``[N, C]`` each, see module doc)."""
-    return get_rule(name)(p_orig=p_orig, p_cal=p_cal, instance_count=instance_count, config=config or CombineConfig())
+    rule = get_rule(name)
+    return rule(p_orig=p_orig, p_cal=p_cal, instance_count=instance_count, config=config or Combination(rule=name))

@@ -1,7 +1,7 @@
 """Head-training settings: frozen dataclasses, loaded from TOML in one place.
 
-``load_config(path, overrides)`` reads ``[sampler] [loss] [head] [schedule] [eval] [run] [fasa]``
-sections, rejects unknown sections/keys (naming the valid ones), then applies overrides —
+``load_config(path, overrides)`` reads ``[sampler] [loss] [head] [schedule] [eval] [run] [fasa]
+[combine]`` sections, rejects unknown sections/keys (naming the valid ones), then applies overrides —
 ``{"sampler.name": "rfs", "schedule.lr": "0.02"}`` (dotted keys; strings from a command line are
 converted to the field's type) or nested ``{"sampler": {"name": "rfs"}}``.
 
@@ -9,6 +9,10 @@ Defaults are SimCal's calibration recipe (supp. G.2): bi-level sampling, 16 clas
 bg:fg 1:1, SGD momentum 0.9, lr 0.01, ×0.1 at steps 8,000 and 11,000, 12,000 steps. Weight decay:
 the supplement gives none; 1e-4 is the value of SimCal's mmdetection configs (its stand-alone
 calibration loop builds SGD without decay or momentum) — set ``schedule.weight_decay = 0`` for that.
+
+``[combine]`` is the dual-head combination (:class:`heads.combine.Combination`: rule, T, boundary,
+thr, scale_ratio) the final evaluation uses and ``heads eval`` / ``serve inject`` take as their
+default; it is a post-training setting, so it is not part of :func:`training_identity`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache_schema.errors import ConfigError
+from heads.combine import Combination
 from heads.losses import LOSSES
 from heads.models import HEADS
 from heads.samplers import SAMPLERS
@@ -135,11 +140,15 @@ class EvalConfig:
     bins: tuple[int, ...] = (10, 100, 1000)  # training-instance-count bin edges (AP1..AP4 of LVIS)
     max_rois: int = 20000            # foreground val RoIs scored (seeded subsample), 0 = all
     batch_rois: int = 8192
+    snapshots: tuple[int, ...] = ()  # steps whose head is kept in RUN/snapshots/ (calibration dynamics)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bins", tuple(int(b) for b in self.bins))
+        object.__setattr__(self, "snapshots", tuple(int(s) for s in self.snapshots))
         if list(self.bins) != sorted(set(self.bins)) or self.interval < 0 or self.max_rois < 0 or self.batch_rois <= 0:
             raise ConfigError("eval: bins strictly increasing, interval >= 0, max_rois >= 0, batch_rois > 0 required")
+        if list(self.snapshots) != sorted(set(self.snapshots)) or any(s <= 0 for s in self.snapshots):
+            raise ConfigError(f"eval.snapshots {list(self.snapshots)} must be positive steps, strictly increasing")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,6 +192,12 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     fasa: FasaConfig = field(default_factory=FasaConfig)
+    combine: Combination = field(default_factory=Combination)
+
+    def __post_init__(self) -> None:
+        if self.eval.snapshots and self.eval.snapshots[-1] > self.schedule.max_steps:
+            raise ConfigError(f"eval.snapshots step {self.eval.snapshots[-1]} is past schedule.max_steps "
+                              f"= {self.schedule.max_steps}; snapshot steps must be in 1..max_steps")
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}  # type: ignore[misc]
@@ -208,8 +223,8 @@ def _coerce(section: str, key: str, value, hint):
             return value
         raise ConfigError(f"{where} must be true or false, got {value!r}")
     if hint in (int, float):
-        what = "an integer" if hint is int else "a number"
-        if isinstance(value, str):
+        what = "an integer" if hint is int else "a number (or inf)"
+        if isinstance(value, str):  # float() also reads "inf" (a JSON-written or command-line T)
             try:
                 value = hint(value)
             except ValueError:
@@ -218,6 +233,10 @@ def _coerce(section: str, key: str, value, hint):
         if isinstance(value, bool) or not ok:
             raise ConfigError(f"{where} must be {what}, got {value!r}")
         return hint(value)
+    if origin is typing.Literal:  # the section's own check names the valid choices
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be one of {', '.join(map(repr, typing.get_args(hint)))}, got {value!r}")
+        return value
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
@@ -278,12 +297,15 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Train
     return config_from_dict(data, overrides)
 
 
+def _plain(section) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
+
+
 def config_to_dict(config: TrainConfig) -> dict[str, dict]:
-    """Plain nested dict (tuples as lists) — JSON/TOML ready."""
-    out = {}
-    for sec in SECTIONS:
-        d = dataclasses.asdict(getattr(config, sec))
-        out[sec] = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    """Plain nested dict (tuples as lists) — JSON ready: ``combine.T = inf`` is the string
+    ``"inf"`` (:meth:`heads.combine.Combination.to_dict`), which :func:`config_from_dict` reads."""
+    out = {sec: _plain(getattr(config, sec)) for sec in SECTIONS}
+    out["combine"] = config.combine.to_dict()
     return out
 
 
@@ -302,7 +324,8 @@ def _toml_value(v) -> str:
 def dump_toml(config: TrainConfig) -> str:
     """The resolved config as TOML text; ``load_config`` of it gives back ``config``."""
     lines = []
-    for sec, values in config_to_dict(config).items():
+    for sec in SECTIONS:  # the values themselves, not config_to_dict's: TOML writes inf as inf
+        values = _plain(getattr(config, sec))
         lines.append(f"[{sec}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
         lines.append("")
@@ -311,7 +334,8 @@ def dump_toml(config: TrainConfig) -> str:
 
 def training_identity(config: TrainConfig) -> dict:
     """The settings a resumed run must share with the interrupted one (what shapes the weights);
-    logging, eval, checkpoint cadence and device may change between attempts."""
+    logging, eval, checkpoint cadence, device and ``[combine]`` (applied after training) may
+    change between attempts."""
     d = config_to_dict(config)
     return {"sampler": d["sampler"], "loss": d["loss"], "head": d["head"], "schedule": d["schedule"],
             "fasa": d["fasa"], "seed": d["run"]["seed"]}

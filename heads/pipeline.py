@@ -20,7 +20,7 @@ from cache_schema.records import RoiSet
 from cache_schema.eval_gt import read_eval_gt
 from cache_schema.inputs import resolve_annotation
 from cache_schema.runtime import check_output, pick_device
-from heads.combine import RULES, CombineConfig
+from heads.combine import RULES, Combination, recorded_combination
 from heads.config import TrainConfig
 from heads.evaluation import (BinSpec, LvisEvaluator, Metrics, cached_results, detect_cached_arrays, load_gt,
                               write_metrics, write_results)
@@ -59,6 +59,14 @@ def store_identity(store: Store) -> dict:
         "train_annotation_sha256": meta.dataset.splits["train"].annotation_sha256 if "train" in meta.dataset.splits else None,
         "train_annotation_path": meta.dataset.splits["train"].annotation_path if "train" in meta.dataset.splits else None,
     }
+
+
+def head_meta(store: Store, level: str) -> dict:
+    """The provenance a head trained on ``store`` at ``level`` keeps in ``head.pt`` (``heads train``,
+    ``heads sweep``). Dual-head inference needs the training instance counts; recorded with the
+    head, `serve inject` works without the store."""
+    return {"store": store_identity(store), "store_path": store.path, "level": level,
+            "instance_count": [int(v) for v in store.classes.instance_count]}
 
 
 def _available_memory_bytes() -> int:
@@ -100,13 +108,9 @@ def train_from_store(*, cache: str, config: TrainConfig, out_dir: Path, stream: 
         )
     init_state = read_head_weights(store) if config.head.name in FROM_DETECTOR else None
     val = store.split("val").load(level=level) if "val" in store.splits else None
-    # Dual-head inference needs the training instance counts; record them with the head so that
-    # `serve inject` works without the store.
-    meta = {"store": store_identity(store), "store_path": store.path, "level": level,
-            "instance_count": [int(v) for v in store.classes.instance_count]}
     return train_head(config=config, source=choose_source(store, level, stream=stream), class_info=store.classes,
                       init_state=init_state, out_dir=out_dir, val=val, device=device, progress=progress,
-                      init_from=store.meta.detector.checkpoint_sha256, meta=meta)
+                      init_from=store.meta.detector.checkpoint_sha256, meta=head_meta(store, level))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -266,13 +270,36 @@ def val_ground_truth(store: Store, annotations: dict[str, Path] | None, evaluato
         return None
 
 
-def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, ...], T: float,
+def head_combination(head: Path | None) -> Combination:
+    """The combination the head run ``head`` (run directory or ``head.pt``) recorded — its
+    ``[combine]`` config section — or the record's defaults without a head."""
+    if head is None:
+        return Combination()
+    path = Path(head) / "head.pt" if Path(head).is_dir() else Path(head)
+    return recorded_combination(load_head(path)[2])
+
+
+def _check_combinations(combinations: tuple[Combination, ...]) -> None:
+    """Rows are keyed by rule: one combination per rule in a call."""
+    if not combinations:
+        raise ConfigError(f"no combination rule to evaluate; give one or more of {', '.join(RULES)}")
+    odd = [c for c in combinations if not isinstance(c, Combination)]
+    if odd:
+        raise ConfigError(f"combinations must be heads.combine.Combination records, got {odd[0]!r}")
+    rules = [c.rule for c in combinations]
+    twice = sorted({r for r in rules if rules.count(r) > 1})
+    if twice:
+        raise ConfigError(f"combination rule(s) {', '.join(twice)} given twice; rows are keyed by rule, so evaluate "
+                          "one setting per rule in a call (or one call per setting)")
+
+
+def evaluate_from_store(*, cache: str, head: Path | None, combinations: tuple[Combination, ...],
                         out_dir: Path | None, bins: BinSpec | None = None, device: str | None = None,
-                        combine_config: CombineConfig | None = None, progress: bool = True,
-                        evaluator: str = "auto", annotations: dict[str, Path] | None = None,
+                        progress: bool = True, evaluator: str = "auto", annotations: dict[str, Path] | None = None,
                         overwrite: bool = True) -> EvalOutcome:
     """Cached evaluation: the original head (``orig``) and/or ``head`` combined by each of
-    ``combines`` on the store's val RoIs, scored against the val json.
+    ``combinations`` (rule + T, boundary, thr, scale_ratio; one per rule) on the store's val RoIs,
+    scored against the val json. Rows are keyed by rule name.
 
     ``overwrite``: False refuses an ``out_dir`` holding a previous evaluation (the CLI's default).
     ``annotations``: ``{"val": PATH}`` when the val json is not where the store recorded it
@@ -290,14 +317,12 @@ def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, .
     """
     if out_dir is not None:
         out_dir = check_output(out_dir, kind="dir", overwrite=overwrite, marker="eval_summary.json")  # before any work
-    unknown = [c for c in combines if c not in RULES]
-    if unknown:
-        raise ConfigError(f"unknown combine scheme(s) {unknown}; choose from {', '.join(RULES)}")
+    _check_combinations(combinations)
     if evaluator not in EVALUATORS:
         raise ConfigError(f"unknown evaluator {evaluator!r}; choose from {', '.join(EVALUATORS)}")
     store = open_store(cache)
     loaded = load_head_for(store, head) if head is not None else None
-    if loaded is None and any(c != "orig" for c in combines):
+    if loaded is None and any(c.rule != "orig" for c in combinations):
         raise ConfigError("combine schemes other than 'orig' need a head: pass --head RUN_DIR")
     if "val" not in store.splits:
         raise SchemaError(f"store {store.path} has no val split; extract it with --splits train,val")
@@ -316,35 +341,35 @@ def evaluate_from_store(*, cache: str, head: Path | None, combines: tuple[str, .
     val = val_split_for_eval(store, val_level, overlaps=fast_gt is not None and split.mask_overlaps > 0,
                              class_boxes=reg is not None)
     probs = score_rois(loaded, val.features, device=pick_device(device)) if loaded else None
-    config = replace(combine_config or CombineConfig(), T=float(T))
     post = eval_postprocess(store)
     store_notes = _store_notes(store, reg is not None)
     tables = dict(roiset=val, class_info=store.classes, image_ids=split.image_ids, image_sizes=split.image_sizes)
-    args = dict(tables, cal_probs=probs, config=config, progress=progress, score_thresh=post.score_thresh,
+    args = dict(tables, cal_probs=probs, progress=progress, score_thresh=post.score_thresh,
                 nms_iou=post.nms_iou, min_box_size=post.min_box_size, max_dets=MAX_DETS, box_regression=reg,
                 box_features=box_features_for_eval(store, val, val_level) if reg is not None else None)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     if fast_gt is not None:
-        rows = {name: _evaluate_rule_fast(fast_gt, detect_cached_arrays(combine=name, **args), tables, name, bins,
-                                          (note, *store_notes), out_dir) for name in combines}
+        rows = {c.rule: _evaluate_rule_fast(fast_gt, detect_cached_arrays(combination=c, **args), tables, c.rule, bins,
+                                            (note, *store_notes), out_dir) for c in combinations}
     else:
         # Each rule's LVIS evaluation runs in a worker process while the next rule's detections
         # are assembled here. Without val masks a class-specific store is evaluated for boxes only.
         iou_types = ("bbox",) if MASK_NOTE in store_notes else ("segm", "bbox")
         with LvisEvaluator(gt_json=gt_json, bins=bins, image_ids=image_ids, iou_types=iou_types,
                            max_dets=MAX_DETS) as lvis:
-            for name in combines:
-                results = cached_results(dets=detect_cached_arrays(combine=name, **args), **tables)
-                lvis.submit(name, results)
+            for c in combinations:
+                results = cached_results(dets=detect_cached_arrays(combination=c, **args), **tables)
+                lvis.submit(c.rule, results)
                 if out_dir is not None:
-                    write_results(out_dir / f"results_{name}.json", results)
+                    write_results(out_dir / f"results_{c.rule}.json", results)
             rows = {name: replace(m, notes=m.notes + (note, *store_notes)) for name, m in lvis.gather().items()}
     if out_dir is not None:
         for name, metrics in rows.items():
             write_metrics(out_dir / f"metrics_{name}.json", metrics)
-        summary = {name: m.to_dict() for name, m in rows.items()}
-        (out_dir / "eval_summary.json").write_text(json.dumps({"T": T, "rows": summary}, indent=1))
+        summary = {"combinations": {c.rule: c.to_dict() for c in combinations},
+                   "rows": {name: m.to_dict() for name, m in rows.items()}}
+        (out_dir / "eval_summary.json").write_text(json.dumps(summary, indent=1))
     return EvalOutcome(rows=rows, out_dir=out_dir, notes=store_notes)
 
 

@@ -6,12 +6,17 @@ Outputs in ``out_dir``:
   ``last.pt``       resumable state every ``run.checkpoint_interval`` steps and at the end
   ``config.toml`` / ``config.json``  the resolved settings
   ``head.pt``       the trained head (weights + :class:`~heads.models.HeadSpec` + meta)
+  ``snapshots/step_NNNNNN.pt``  the head after each step of ``eval.snapshots`` (head.pt's format;
+                    :func:`snapshot_paths`), for calibration dynamics (SimCal Fig. 4a)
   ``metrics.json``  written last: its presence marks a finished run
 With ``[fasa] enabled``, :mod:`heads.fasa` adds virtual classifier-input features each step and
 adapts their sampling every ``fasa.period`` steps from the per-class val loss (needs ``val``;
 without it the sampling probabilities stay at their inverse-frequency start).
 Re-running with the same ``out_dir`` resumes from ``last.pt`` and, by construction (counter-
-based randomness, saved momentum), ends with the same weights as an uninterrupted run.
+based randomness, saved momentum), ends with the same weights as an uninterrupted run — and the
+same snapshots: those past the resume point are written again, earlier ones are kept (a step
+added to ``eval.snapshots`` after the run passed it is not made; ``metrics.json`` lists the
+snapshot steps the folder holds).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from heads.monitor import ValRois, per_class_val_loss, prepare_val, val_accuracy
 from heads.sources import NonFiniteFeatureError, RoiIndex, RoiSource, check_finite
 
 _LOSS_RNG_STREAM = 7
+SNAPSHOT_DIR = "snapshots"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,6 +101,36 @@ def _drop_stale_results(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
+class _Snapshots:
+    """Writes the head after the steps of ``eval.snapshots`` to ``out_dir/snapshots/``."""
+
+    def __init__(self, out_dir: Path, steps: tuple[int, ...], *, spec: HeadSpec, meta: dict) -> None:
+        self.dir, self.steps, self.spec, self.meta = out_dir / SNAPSHOT_DIR, frozenset(steps), spec, meta
+
+    def drop_after(self, step: int) -> None:
+        """Remove snapshots past ``step`` (the resume point; 0 = a fresh run): the steps ahead
+        will write them again, and a fresh run must not show another attempt's."""
+        for done, path in snapshot_paths(self.dir.parent).items():
+            if done > step:
+                path.unlink()
+
+    def maybe_save(self, done: int, head: nn.Module) -> None:
+        """Save the head after ``done`` completed steps when that step was asked for (atomic)."""
+        if done in self.steps:
+            save_head(self.dir / f"step_{done:06d}.pt", head=head, spec=self.spec, meta=self.meta)
+
+
+def snapshot_paths(run_dir: str | Path) -> dict[int, Path]:
+    """``{step: path}`` of the head snapshots a run folder holds, by increasing step (empty
+    when it has none). Each file is a head file (:func:`heads.models.load_head`)."""
+    found = {}
+    for path in (Path(run_dir) / SNAPSHOT_DIR).glob("step_*.pt"):
+        digits = path.stem.removeprefix("step_")
+        if digits.isdigit():
+            found[int(digits)] = path
+    return dict(sorted(found.items()))
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log records written after the checkpoint a run resumes from (they will be redone),
     and a last line cut short by a crash."""
@@ -140,7 +176,7 @@ def _train_step(head: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, x: t
 
 def _run_loop(*, config: TrainConfig, head: nn.Module, spec: HeadSpec, optimizer, loss_fn, sampler,
               source: RoiSource, device: torch.device, start: int, valset: ValRois | None, logger: _Logger,
-              state_path: Path, fasa: FeatureAugmenter | None) -> dict:
+              state_path: Path, fasa: FeatureAugmenter | None, snapshots: _Snapshots) -> dict:
     """Steps ``start..max_steps-1``; returns timing and the last logged loss / val accuracy."""
     sch, run, ev = config.schedule, config.run, config.eval
     identity, sampler_state = training_identity(config), sampler.state_dict()
@@ -164,6 +200,7 @@ def _run_loop(*, config: TrainConfig, head: nn.Module, spec: HeadSpec, optimizer
         window_loss += loss
         window_steps, window_rois = window_steps + 1, window_rois + len(batch.rows)
         done, final = step + 1, step + 1 == sch.max_steps
+        snapshots.maybe_save(done, head)
         if done % run.log_interval == 0 or final:
             record = {"step": done, "lr": lr, "loss": float(window_loss) / window_steps,
                       "rois_per_step": window_rois / window_steps, "seconds": round(time.perf_counter() - t0, 3)}
@@ -245,8 +282,9 @@ def train_head(*, config: TrainConfig, source: RoiSource, class_info: ClassInfo,
                                                   max_rois=config.eval.max_rois, seed=seed)
     head_meta = {"config": config_to_dict(config), "seed": seed, **(meta or {})}
     fasa = _build_fasa(config, spec=spec, class_info=class_info, device=dev)
-    if spec.name == "ncm":
+    if spec.name == "ncm":  # one pass, no steps: no snapshots either
         _drop_stale_results(out_dir)
+        _Snapshots(out_dir, (), spec=spec, meta=head_meta).drop_after(0)
         fit = fit_ncm(head, source=source, device=dev)
         metrics = {"steps": 0, "ncm": fit, "device": str(dev), "spec": spec.to_dict()}
         if valset is not None:
@@ -268,16 +306,20 @@ def train_head(*, config: TrainConfig, source: RoiSource, class_info: ClassInfo,
         start = min(int(state["step"]), sch.max_steps)
     _drop_stale_results(out_dir)  # only once the folder is known to hold this run (or none)
     _truncate_log(out_dir / "log.jsonl", start)
+    snapshots = _Snapshots(out_dir, config.eval.snapshots, spec=spec, meta=head_meta)
+    snapshots.drop_after(start)
     head.train()
     last = _run_loop(config=config, head=head, spec=spec, optimizer=optimizer, loss_fn=loss_fn, sampler=sampler,
                      source=source, device=dev, start=start, valset=valset,
-                     logger=_Logger(out_dir / "log.jsonl", progress), state_path=state_path, fasa=fasa)
+                     logger=_Logger(out_dir / "log.jsonl", progress), state_path=state_path, fasa=fasa,
+                     snapshots=snapshots)
     if last["val"] is None and valset is not None:
         last["val"] = val_accuracy(head, spec, valset, device=dev, batch_rois=config.eval.batch_rois)
     metrics = {"steps": sch.max_steps, "resumed_from": start,
                "fasa": None if fasa is None else {"p_sum": float(fasa.p.sum()), "adaptations": fasa.adaptations}, "final_loss": last["loss"],
                "steps_per_second": last["steps_per_second"], "seconds": last["seconds"], "device": str(dev),
-               "sampler": sampler.state_dict(), "spec": spec.to_dict(), "val": last["val"]}
+               "sampler": sampler.state_dict(), "spec": spec.to_dict(), "val": last["val"],
+               "snapshots": list(snapshot_paths(out_dir))}
     path = _finish(out_dir=out_dir, config=config, head=head.eval(), spec=spec, meta=head_meta, metrics=metrics)
     return TrainResult(out_dir=out_dir, head_path=path, spec=spec, steps=sch.max_steps, resumed_from=start,
                        final_loss=last["loss"], steps_per_second=last["steps_per_second"], metrics=metrics)

@@ -9,9 +9,19 @@ import typer
 from rich.console import Console
 
 from cache_schema.cli_support import fail, friendly_errors
+from heads.combine import FIELD_HELP, Combination
 from heads.evaluation import BinSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+RECORDED = " Default: the head run's recorded combine setting."
+INJECTED = " Default: the checkpoint's injected combination."
+
+
+def _describe(c: Combination) -> str:
+    """``sel, T=300, le, thr=0.05, scale_ratio=cal/orig`` for the console."""
+    return f"{c.rule}, T={c.T:g}, {c.boundary}, thr={c.thr:g}, scale_ratio={c.scale_ratio}"
 
 
 def _floats(text: str | None) -> tuple[float, ...]:
@@ -29,19 +39,23 @@ def inject_command(
     ckpt: Path = typer.Option(..., help="Original detector checkpoint."),
     head: Path = typer.Option(..., help="Run directory (or head.pt) from `heads train`."),
     out: Path = typer.Option(..., help="New checkpoint to write."),
-    combine: str = typer.Option("sel", help="sel | cal-only | avg | sel-thr | sel-scale | sel-norm | det | orig | replace"),
-    T: float = typer.Option(300.0, "--T", help="sel*: classes with at most T training instances use the calibrated head."),
-    boundary: str = typer.Option("le", help="le (N <= T, paper) | lt (N < T, official code)."),
+    combine: str = typer.Option(None, help="sel | cal-only | avg | sel-thr | sel-scale | sel-norm | det | orig | replace "
+                                           "(default: the head run's recorded combine.rule, else sel)."),
+    T: float = typer.Option(None, "--T", help=FIELD_HELP["T"] + RECORDED),
+    boundary: str = typer.Option(None, help=FIELD_HELP["boundary"] + RECORDED),
+    thr: float = typer.Option(None, help=FIELD_HELP["thr"] + RECORDED),
+    scale_ratio: str = typer.Option(None, "--scale-ratio", help=FIELD_HELP["scale_ratio"] + RECORDED),
     config: str = typer.Option(None, help="mmdetection: the model's config (default: the checkpoint's); "
                                           "dual-head rules also write OUT.py for plain mmdet."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file at --out."),
 ) -> None:
     """Write a detector checkpoint carrying the calibrated head and the combination rule."""
-    from serve.inject import inject
+    from serve.inject import REPLACE, inject, injection_combination
 
-    path = inject(ckpt=ckpt, head=head, combine=combine, T=T, out=out, boundary=boundary, config=config,
-                  overwrite=overwrite)
-    Console().print(f"wrote {path} ({combine}{'' if combine == 'replace' else f', T={T:g}'})")
+    combination = injection_combination(head=head, combine=combine, T=T, boundary=boundary, thr=thr,
+                                        scale_ratio=scale_ratio)
+    path = inject(ckpt=ckpt, head=head, out=out, combination=combination, config=config, overwrite=overwrite)
+    Console().print(f"wrote {path} ({REPLACE if combination == REPLACE else _describe(combination)})")
 
 
 @app.command("eval")
@@ -52,7 +66,10 @@ def eval_command(
     data: Path = typer.Option(..., help="Dataset directory (val.json + images) or the val json."),
     out: Path = typer.Option(None, help="Where results and metrics go (default: next to the checkpoint)."),
     combine: str = typer.Option(None, help="Comma-separated rules to evaluate (default: the checkpoint's)."),
-    T: float = typer.Option(None, "--T", help="Override the injected threshold."),
+    T: float = typer.Option(None, "--T", help=FIELD_HELP["T"] + INJECTED),
+    boundary: str = typer.Option(None, help=FIELD_HELP["boundary"] + INJECTED),
+    thr: float = typer.Option(None, help=FIELD_HELP["thr"] + INJECTED),
+    scale_ratio: str = typer.Option(None, "--scale-ratio", help=FIELD_HELP["scale_ratio"] + INJECTED),
     sweep_T: str = typer.Option(None, "--sweep-T", help="Evaluate sel at each T, e.g. 10,30,100,300,1000 (SimCal Fig. 4c)."),
     bins: str = typer.Option("lvis", help="AP-bin preset: lvis | coco-lt."),
     device: str = typer.Option(None, help="auto | cpu | cuda[:i]"),
@@ -66,7 +83,8 @@ def eval_command(
 
     combines = tuple(c.strip() for c in combine.split(",") if c.strip()) if combine else None
     run = evaluate_detector(ckpt=ckpt, data=data, out_dir=out or ckpt.parent / f"eval_{ckpt.stem}",
-                            combines=combines, T=T, sweep_T=_floats(sweep_T), bins=BinSpec.preset(bins),
+                            combines=combines, T=T, boundary=boundary, thr=thr, scale_ratio=scale_ratio,
+                            sweep_T=_floats(sweep_T), bins=BinSpec.preset(bins),
                             device=device, batch_size=batch_size, progress=not quiet, limit=limit,
                             detector_config=config, overwrite=overwrite)
     console = Console()

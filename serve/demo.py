@@ -25,6 +25,7 @@ from extract.detectors.checkpoint import read_torch_file
 from extract.detectors.train import train_detector
 from extract.detectors.train_config import DetectorTrainConfig
 from extract.writer import ExtractConfig, extract
+from heads.combine import Combination
 from heads.config import load_config
 from heads.models import load_head
 from heads.evaluation import format_table
@@ -168,7 +169,7 @@ def run_demo(*, out_dir: Path, progress: bool = True, config: DemoConfig | None 
 
     t = _step(console, "5/6 serve inject + full evaluation")
     injected = out_dir / "detector_sel.pt"
-    inject(ckpt=ckpt, head=run, combine="sel", T=cfg.T, out=injected, overwrite=True)
+    inject(ckpt=ckpt, head=run, combination=Combination(rule="sel", T=cfg.T), out=injected, overwrite=True)
     full = load_eval_run(out_dir / "eval_full", injected) or evaluate_detector(
         ckpt=injected, data=data, out_dir=out_dir / "eval_full", combines=("orig", "cal-only", "sel"), progress=progress)
     timings["full_eval"] = time.perf_counter() - t

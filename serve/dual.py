@@ -8,7 +8,7 @@ detections (:func:`heads.evaluation.assemble_detections`, checked equal to torch
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,23 +17,10 @@ import torch
 from cache_schema.errors import ConfigError
 from extract.detectors.backends import load_adapter, read_checkpoint
 from extract.detectors.base import MaskRequest, RoiOutputs
-from heads.combine import RULES, CombineConfig, get_rule
+from heads.combine import Combination, get_rule
 from heads.evaluation import Detections, assemble_detection_arrays, to_results
 from heads.models import head_from_state, head_scores
 from serve.inject import Calibration, read_calibration
-
-
-@dataclass(frozen=True, kw_only=True)
-class Combination:
-    """How the two heads' scores are merged at inference (overridable at eval time)."""
-
-    combine: str = "orig"
-    T: float = 300.0
-    boundary: str = "le"
-
-    def __post_init__(self) -> None:
-        if self.combine not in RULES:
-            raise ConfigError(f"unknown combine scheme {self.combine!r}; choose from {', '.join(RULES)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,15 +60,15 @@ class DualHeadDetector:
         if self.calibration is not None:
             spec = self.calibration.spec
             self.head = head_from_state(spec, self.calibration.state_dict, where=f"{self.path} calibration").to(device)
-        cal = self.calibration
-        self.default = Combination(combine=cal.combine, T=cal.T, boundary=cal.boundary) if cal else Combination()
+        # The injected combination; a plain detector has the original head only.
+        self.default = self.calibration.combination if self.calibration else Combination(rule="orig")
 
     @property
     def level(self) -> str | None:
         return None if self.calibration is None else self.calibration.spec.level
 
     def check(self, combination: Combination) -> None:
-        if combination.combine != "orig" and self.calibration is None:
+        if combination.rule != "orig" and self.calibration is None:
             raise ConfigError(f"{self.path} carries no calibrated head, so only --combine orig applies; "
                               "inject a head first with `serve inject`")
 
@@ -162,8 +149,7 @@ class DualHeadDetector:
         p_orig, p_cal = self.probabilities(out)
         counts = torch.as_tensor(self.calibration.instance_count if self.calibration else
                                  (0,) * (p_orig.shape[1] - 1), dtype=torch.int64)
-        config = CombineConfig(T=combination.T, boundary=combination.boundary)
-        return get_rule(combination.combine)(p_orig=p_orig, p_cal=p_cal, instance_count=counts, config=config)
+        return get_rule(combination.rule)(p_orig=p_orig, p_cal=p_cal, instance_count=counts, config=combination)
 
     def detections(self, out: RoiOutputs, combination: Combination, *, image_id: int,
                    image_size: tuple[int, int], max_dets: int = 300) -> list[dict]:
@@ -172,4 +158,6 @@ class DualHeadDetector:
         return self.results(out, dets, image_id=image_id, image_size=image_size)
 
     def with_default(self, **changes) -> Combination:
-        return replace(self.default, **{k: v for k, v in changes.items() if v is not None})
+        """The injected combination with the fields given and not None changed (``rule``, ``T``,
+        ``boundary``, ``thr``, ``scale_ratio``)."""
+        return self.default.override(**changes)

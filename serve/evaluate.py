@@ -19,9 +19,9 @@ from cache_schema.runtime import check_output, configure_threads, pick_device, s
 from extract.datasets.images import read_rgb
 from extract.datasets.lvis_json import check_images_exist, load_annotations, resolve_split
 from extract.detectors.backends import check_class_table
-from heads.combine import CombineConfig
+from heads.combine import Combination
 from heads.evaluation import BinSpec, LvisEvaluator, Metrics, format_table, read_metrics, write_metrics, write_results
-from serve.dual import Combination, DualHeadDetector
+from serve.dual import DualHeadDetector
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,21 +87,23 @@ def run_inference(detector: DualHeadDetector, annset, *, combinations: tuple[Com
 
 
 def _row_name(c: Combination, many_T: bool) -> str:
-    if c.combine in ("orig", "cal-only", "avg", "det") or not many_T:
-        return c.combine
-    return f"{c.combine}@T={c.T:g}"
+    if c.rule in ("orig", "cal-only", "avg", "det") or not many_T:
+        return c.rule
+    return f"{c.rule}@T={c.T:g}"
 
 
 def evaluate_detector(*, ckpt: Path, data: Path, out_dir: Path, combines: tuple[str, ...] | None = None,
-                      T: float | None = None, sweep_T: tuple[float, ...] = (), bins: BinSpec | None = None,
+                      T: float | None = None, boundary: str | None = None, thr: float | None = None,
+                      scale_ratio: str | None = None, sweep_T: tuple[float, ...] = (), bins: BinSpec | None = None,
                       device: str | None = None, batch_size: int = 4, max_dets: int = 300,
                       progress: bool = True, limit: int | None = None, detector_config: str | None = None,
                       overwrite: bool = True) -> EvalRun:
     """Run ``ckpt`` over ``data``'s val split and evaluate each requested combination.
 
-    ``combines`` default to the checkpoint's own rule (``orig`` for a plain detector); ``T``
-    overrides the injected threshold; ``sweep_T`` evaluates ``sel`` at each threshold
-    (SimCal Fig. 4c). ``limit`` evaluates only the first images (for quick checks).
+    ``combines`` (rule names) default to the checkpoint's own rule (``orig`` for a plain
+    detector); ``T``, ``boundary``, ``thr``, ``scale_ratio`` override, each when given, the
+    injected combination's field (:class:`heads.combine.Combination`); ``sweep_T`` evaluates
+    ``sel`` at each threshold (SimCal Fig. 4c). ``limit`` evaluates only the first images.
     """
     configure_threads()
     if batch_size < 1:
@@ -110,8 +112,8 @@ def evaluate_detector(*, ckpt: Path, data: Path, out_dir: Path, combines: tuple[
         raise ConfigError(f"--limit {limit} must be >= 1 (or left out for every val image)")
     # Before inference: no time lost on a bad --out; False refuses a previous evaluation's folder.
     out_dir = check_output(out_dir, kind="dir", overwrite=overwrite, marker="eval_summary.json")
-    if T is not None:
-        CombineConfig(T=T)
+    changes = dict(T=T, boundary=boundary, thr=thr, scale_ratio=scale_ratio)
+    Combination().override(**changes)  # a bad value is refused before the detector loads
     json_path, image_root = resolve_split(Path(data), "val")
     annset = load_annotations(json_path, image_root)
     if len(annset) == 0:
@@ -123,8 +125,8 @@ def evaluate_detector(*, ckpt: Path, data: Path, out_dir: Path, combines: tuple[
         detector.category_ids = tuple(annset.cat_ids)
     if tuple(annset.cat_ids) != detector.category_ids:
         raise DatasetError(f"{json_path}: categories differ from the detector's; evaluate on the dataset it was trained on")
-    wanted = [detector.with_default(combine=c, T=T) for c in (combines or (detector.default.combine,))]
-    wanted += [detector.with_default(combine="sel", T=t) for t in sweep_T]
+    wanted = [detector.with_default(rule=c, **changes) for c in (combines or (detector.default.rule,))]
+    wanted += [detector.with_default(**{**changes, "rule": "sel", "T": t}) for t in sweep_T]
     wanted = list(dict.fromkeys(wanted))  # e.g. --combine sel --sweep-T 300 asks for sel@300 twice
     for c in wanted:
         detector.check(c)
@@ -149,6 +151,7 @@ def evaluate_detector(*, ckpt: Path, data: Path, out_dir: Path, combines: tuple[
     summary = {"checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt), "images": n, "inference_seconds": inference_s,
                "evaluation_seconds": eval_s, "images_per_second": n / max(inference_s, 1e-9),
                "rows": {k: m.to_dict() for k, m in rows.items()},
-               "T": {k: (c.T if math.isfinite(c.T) else "inf") for k, c in zip(rows, wanted)}}
+               "T": {k: (c.T if math.isfinite(c.T) else "inf") for k, c in zip(names, wanted)},
+               "combinations": {k: c.to_dict() for k, c in zip(names, wanted)}}
     (out_dir / "eval_summary.json").write_text(json.dumps(summary, indent=1))
     return EvalRun(rows=rows, images=n, inference_seconds=inference_s, evaluation_seconds=eval_s, out_dir=out_dir)

@@ -2,8 +2,9 @@
 
 Two outputs:
 - dual-head (``--combine sel`` and the other rules): the original checkpoint plus a
-  ``"calibration"`` record holding the new head (spec + weights), the combination rule, its
-  threshold and the training instance counts. roicache's loader (:mod:`serve.dual`) rebuilds the
+  ``"calibration"`` record holding the new head (spec + weights), the combination
+  (:class:`heads.combine.Combination`: rule, T, boundary, thr, scale_ratio) and the training
+  instance counts. roicache's loader (:mod:`serve.dual`) rebuilds the
   detector and scores every RoI with both heads.
 - ``--combine replace``: a checkpoint in the backend's plain layout whose classifier *is* the
   new head, loadable without roicache (torchvision: stock ``MaskRCNN``,
@@ -17,21 +18,22 @@ surgery; this module only decides what goes in.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
-
+from typing import Literal
 
 from cache_schema.errors import CheckpointError, ConfigError
 from cache_schema.runtime import check_output, sha256_file
 from extract.datasets.lvis_json import class_statistics, load_annotations
 from extract.detectors.backends import backend_of, read_checkpoint
 from extract.detectors.checkpoint import atomic_torch_save
-from heads.combine import RULES, CombineConfig
+from heads.combine import RULES, Combination, recorded_combination
 from heads.models import HeadSpec, load_head
 
 CALIBRATION_KEY = "calibration"
 REPLACEABLE_HEADS = ("lastfc",)
+#: ``--combine replace``: not a rule, a plain checkpoint whose classifier is the new head.
+REPLACE = "replace"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,44 +41,58 @@ class Calibration:
     """The calibration record of an injected checkpoint.
 
     Attributes:
-        combine: a rule of :data:`heads.combine.RULES`.
-        T: threshold on training instances for the ``sel*`` rules.
-        boundary: ``"le"`` (N <= T, paper) or ``"lt"`` (N < T, official code).
+        combination: the rule and its settings the checkpoint runs by default.
         instance_count: ``C`` training instance counts (from the head's store).
         spec: the head's :class:`heads.models.HeadSpec`.
         state_dict: the head's weights.
         head_meta: the head's provenance (store identity, config, seed).
     """
 
-    combine: str
-    T: float
-    boundary: str
+    combination: Combination
     instance_count: tuple[int, ...]
     spec: HeadSpec
     state_dict: dict
     head_meta: dict
 
     def __post_init__(self) -> None:
-        if self.combine not in RULES:
-            raise ConfigError(f"unknown combine scheme {self.combine!r}; choose from {', '.join(RULES)} or replace")
-        if self.boundary not in ("le", "lt"):
-            raise ConfigError(f"boundary {self.boundary!r} must be le or lt")
+        if not isinstance(self.combination, Combination):
+            raise ConfigError(f"calibration: combination must be a heads.combine.Combination, got {self.combination!r}")
         if len(self.instance_count) != self.spec.num_classes:
             raise CheckpointError("calibration record: instance counts and head classes differ; re-inject")
 
     def to_payload(self) -> dict:
-        return {"combine": self.combine, "T": float(self.T) if math.isfinite(self.T) else "inf",
-                "boundary": self.boundary, "instance_count": list(self.instance_count),
+        return {"combination": self.combination.to_dict(), "instance_count": list(self.instance_count),
                 "spec": self.spec.to_dict(), "state_dict": self.state_dict, "head_meta": self.head_meta}
 
     @classmethod
     def from_payload(cls, d: dict) -> "Calibration":
+        """The record :meth:`to_payload` wrote, or one of an older roicache (see
+        :func:`combination_of_record`); anything malformed is a :class:`CheckpointError`."""
         try:
-            return cls(combine=d["combine"], T=float(d["T"]), boundary=d["boundary"],
-                       instance_count=tuple(int(v) for v in d["instance_count"]),
-                       spec=HeadSpec.from_dict(d["spec"]), state_dict=d["state_dict"], head_meta=d.get("head_meta", {}))
-        except (KeyError, TypeError, ValueError) as exc:
+            return cls(combination=combination_of_record(d),
+                       instance_count=tuple(int(v) for v in d["instance_count"]), spec=HeadSpec.from_dict(d["spec"]),
+                       state_dict=d["state_dict"], head_meta=d.get("head_meta", {}))
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise CheckpointError(f"calibration record is malformed ({type(exc).__name__}: {exc}); re-inject the head") from None
+
+
+def combination_of_record(d: dict) -> Combination:
+    """The combination of a calibration record (checkpoint payload or mmdet config): the
+    ``"combination"`` dict, or — records written before it — the top-level ``combine``, ``T``
+    (number or ``"inf"``) and ``boundary`` keys, thr and scale_ratio then at their defaults."""
+    if "combination" in d:
+        return Combination.from_dict(d["combination"], where="calibration record")
+    return Combination(rule=d["combine"], T=float(d["T"]), boundary=d["boundary"])
+
+
+def injection_combination(*, head: Path, combine: str | None = None, **changes) -> Combination | Literal["replace"]:
+    """What ``serve inject`` stores: ``replace``, or the head run's recorded ``[combine]`` with
+    ``combine`` (a rule) and the ``changes`` given (T, boundary, thr, scale_ratio; None = recorded)."""
+    if combine == REPLACE:
+        return REPLACE
+    if combine is not None and combine not in RULES:
+        raise ConfigError(f"unknown combine scheme {combine!r}; choose from {', '.join(RULES)} or {REPLACE}")
+    return recorded_combination(load_head(_head_path(head))[2]).override(rule=combine, **changes)
 
 
 def _head_path(head: Path) -> Path:
@@ -112,18 +128,19 @@ def _instance_counts(head_meta: dict, num_classes: int) -> tuple[int, ...]:
                           "retrain it with this roicache version")
 
 
-def inject(*, ckpt: Path, head: Path, combine: str, T: float, out: Path, boundary: str = "le",
+def inject(*, ckpt: Path, head: Path, out: Path, combination: Combination | Literal["replace"] | None = None,
            config: str | None = None, overwrite: bool = False) -> Path:
-    """Write ``out``: ``ckpt`` with ``head`` injected under rule ``combine`` (or ``replace``).
+    """Write ``out``: ``ckpt`` with ``head`` injected under ``combination`` (``None``: the head
+    run's recorded ``[combine]``) or, for :data:`REPLACE`, as the detector's classifier.
 
     For an mmdet checkpoint and a dual-head rule, also ``out`` with suffix ``.py``: the model's
     config (``config``, else the checkpoint's own) running the rule inside mmdet
     (:mod:`serve.mmdet_dual`)."""
     ckpt, out = Path(ckpt), Path(out)
-    if combine != "replace" and combine not in RULES:
-        raise ConfigError(f"unknown combine scheme {combine!r}; choose from {', '.join(RULES)} or replace")
-    if combine != "replace":
-        CombineConfig(T=T, boundary=boundary)  # refuses a negative or NaN T, an unknown boundary
+    if combination is None:
+        combination = injection_combination(head=head)
+    if combination != REPLACE and not isinstance(combination, Combination):
+        raise ConfigError(f"combination must be a heads.combine.Combination or {REPLACE!r}, got {combination!r}")
     if out.resolve() == ckpt.resolve():
         raise ConfigError("--out must differ from --ckpt; the original checkpoint is kept untouched")
     check_output(out, kind="file", overwrite=overwrite)
@@ -134,13 +151,12 @@ def inject(*, ckpt: Path, head: Path, combine: str, T: float, out: Path, boundar
     head_path = _head_path(head)
     module, spec, head_meta = load_head(head_path)
     _check_head_fits(backend.categories_of(payload), ckpt, head_meta, spec, head_path)
-    if combine == "replace":
+    if combination == REPLACE:
         _check_replaceable(spec)
         new = backend.replace_classifier(payload, weight=module.cls.weight, bias=module.cls.bias)
     else:
-        calib = Calibration(combine=combine, T=T, boundary=boundary,
-                            instance_count=_instance_counts(head_meta, spec.num_classes), spec=spec,
-                            state_dict={k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+        calib = Calibration(combination=combination, instance_count=_instance_counts(head_meta, spec.num_classes),
+                            spec=spec, state_dict={k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
                             head_meta=head_meta)
         new = {**payload, CALIBRATION_KEY: calib.to_payload()}
         if backend.backend == "mmdet":
@@ -152,8 +168,10 @@ def inject(*, ckpt: Path, head: Path, combine: str, T: float, out: Path, boundar
             cfg, _ = resolve_config(payload, config, path=ckpt)
             new = export_dual(payload=new, calibration=calib.to_payload(), head=module, cfg=cfg,
                               config_out=out.with_suffix(".py"))
+    record = None if combination == REPLACE else combination.to_dict()
     new["meta"] = {**payload.get("meta", {}), "injected": {"head": str(head_path), "head_sha256": sha256_file(head_path),
-                                                           "combine": combine, "T": T if math.isfinite(T) else "inf",
+                                                           "combine": REPLACE if record is None else record["rule"],
+                                                           "combination": record,
                                                            "source_checkpoint_sha256": sha256_file(ckpt)}}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(new, out)

@@ -29,8 +29,9 @@ from mmdet.registry import MODELS
 
 from cache_schema.errors import ConfigError
 from extract.detectors.mmdet_config import INJECTED_PREFIX
-from heads.combine import CombineConfig, get_rule
+from heads.combine import get_rule
 from heads.models import HEADS, HeadSpec, head_scores
+from serve.inject import combination_of_record
 
 DUAL_HEAD_TYPE = "RoicacheDualBBoxHead"
 
@@ -58,18 +59,19 @@ class RoicacheDualBBoxHead(Shared2FCBBoxHead):
     """mmdet's ``Shared2FCBBoxHead`` plus a calibrated classifier and a combination rule.
 
     Args:
-        calibration: ``{"spec": HeadSpec dict, "combine": rule, "T": float, "boundary": "le"|"lt",
-            "instance_count": [C ints]}`` (what ``serve inject`` writes into the config).
+        calibration: ``{"spec": HeadSpec dict, "combination": Combination dict (rule, T, boundary,
+            thr, scale_ratio), "instance_count": [C ints]}`` (what ``serve inject`` writes into the
+            config; configs of older versions with top-level ``combine``/``T``/``boundary`` load too).
     """
 
     def __init__(self, *, calibration: dict, **kwargs) -> None:
         super().__init__(**kwargs)
         self.spec = HeadSpec.from_dict(calibration["spec"])
-        if calibration["combine"] == "det":
+        self.combine = combination_of_record(calibration)
+        if self.combine.rule == "det":
             raise ConfigError("the det rule merges two detection sets; it cannot run inside mmdet's box head")
         self.calibrated = HEADS[self.spec.name](spec=self.spec)
-        self.rule = get_rule(calibration["combine"])
-        self.combine = CombineConfig(T=float(calibration["T"]), boundary=calibration["boundary"])
+        self.rule = get_rule(self.combine.rule)
         self.register_buffer("instance_count", torch.tensor(calibration["instance_count"], dtype=torch.int64),
                              persistent=False)
         del self.loss_cls  # a registered submodule; replaced by the rule's activation below
@@ -89,7 +91,7 @@ class RoicacheDualBBoxHead(Shared2FCBBoxHead):
 def export_dual(*, payload: dict, calibration: dict, head: torch.nn.Module, cfg, config_out: Path) -> dict:
     """The checkpoint payload with the calibrated head's weights added, and (written to
     ``config_out``) the model's config with :class:`RoicacheDualBBoxHead` as its box head."""
-    if calibration["combine"] == "det":
+    if combination_of_record(calibration).rule == "det":
         raise ConfigError("--combine det merges two detection sets and cannot run inside mmdet's box head; "
                           "choose sel, cal-only, avg, sel-thr, sel-scale or sel-norm")
     prefix = "module." if any(k.startswith("module.") for k in payload["state_dict"]) else ""
@@ -97,8 +99,8 @@ def export_dual(*, payload: dict, calibration: dict, head: torch.nn.Module, cfg,
     state.update({f"{prefix}{INJECTED_PREFIX}{k}": v.detach().cpu().clone() for k, v in head.state_dict().items()})
     dual = cfg.copy()
     bbox = dict(dual.model.roi_head.bbox_head)
-    bbox.update(type=DUAL_HEAD_TYPE, calibration={k: calibration[k] for k in
-                                                  ("spec", "combine", "T", "boundary", "instance_count")})
+    # The whole combination (thr, scale_ratio too): sel-thr / sel-scale run in mmdet as in roicache.
+    bbox.update(type=DUAL_HEAD_TYPE, calibration={k: calibration[k] for k in ("spec", "combination", "instance_count")})
     dual.model.roi_head.bbox_head = bbox
     dual.custom_imports = {"imports": [__name__], "allow_failed_imports": False}
     config_out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from extract.cli import app as extract_app
+from heads.combine import Combination
 from heads.cli import app as heads_app
 from serve.cli import app as serve_app
 from serve.umbrella import app as roicache_app
@@ -301,7 +302,7 @@ def test_cached_evaluation_without_the_json_equals_evaluation_with_it(ctx):
 
     copy = ctx["tmp"] / "store_copy.zarr"
     shutil.copytree(ctx["store"], copy)
-    with_json = evaluate_from_store(cache=str(copy), head=ctx["head"], combines=("orig", "sel"), T=300.0,
+    with_json = evaluate_from_store(cache=str(copy), head=ctx["head"], combinations=Combination(T=300.0).per_rule(("orig", "sel")),
                                     out_dir=None, progress=False)
     data_copy = ctx["tmp"] / "data_gone"
     shutil.copytree(ctx["data"], data_copy)
@@ -313,7 +314,7 @@ def test_cached_evaluation_without_the_json_equals_evaluation_with_it(ctx):
     attrs["dataset"]["splits"]["val"]["annotation_path"] = str(ctx["tmp"] / "nowhere" / "val.json")
     attrs["dataset"]["splits"]["val"].pop("annotation_relpath", None)
     group.attrs["roicache"] = attrs
-    without = evaluate_from_store(cache=str(copy), head=ctx["head"], combines=("orig", "sel"), T=300.0,
+    without = evaluate_from_store(cache=str(copy), head=ctx["head"], combinations=Combination(T=300.0).per_rule(("orig", "sel")),
                                   out_dir=None, progress=False)
     for name in ("orig", "sel"):
         assert with_json.rows[name].segm == without.rows[name].segm
@@ -321,7 +322,7 @@ def test_cached_evaluation_without_the_json_equals_evaluation_with_it(ctx):
     assert any("ground truth from the store" in n for n in without.rows["orig"].notes)
     # The LVIS API itself needs the json: asked for explicitly, it says how to give it.
     with pytest.raises(Exception, match="--annotations val=PATH"):
-        evaluate_from_store(cache=str(copy), head=None, combines=("orig",), T=300.0, out_dir=None, progress=False,
+        evaluate_from_store(cache=str(copy), head=None, combinations=(Combination(rule="orig"),), out_dir=None, progress=False,
                             evaluator="lvis-api")
 
 

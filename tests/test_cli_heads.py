@@ -24,7 +24,7 @@ from extract.detectors.toy import tiny_arch
 from extract.detectors.train import train_detector
 from heads.build import build_sampler
 from heads.cli import app
-from heads.combine import RULES
+from heads.combine import RULES, Combination
 from heads.config import load_config
 from heads.losses import LOSSES
 from heads.models import HEADS, load_head
@@ -260,3 +260,79 @@ def test_cached_eval_results_carry_boxes_and_the_evaluator_note(trained, tiny_st
     assert results and all("bbox" in r and "segmentation" not in r for r in results)  # masks were never pasted
     notes = json.loads((tmp_path / "metrics_sel.json").read_text())["notes"]
     assert any(n.startswith("evaluator: fast") for n in notes)
+
+
+# ----------------------------------------------------------------------------- the [combine] section
+
+
+RECORDED = Combination(rule="sel-thr", T=9, boundary="lt", thr=0.4, scale_ratio="orig/cal")
+
+
+@pytest.fixture(scope="module")
+def trained_combine(tiny_store, tmp_path_factory) -> Path:
+    """``heads train`` whose combination flags set the run's ``[combine]``; with the final evaluation."""
+    out = tmp_path_factory.mktemp("heads_cli_combine") / "run"
+    result = run_cli("train", "--cache", tiny_store, "--out", out, *TRAIN_ARGS, "--combine", "sel-thr", "--T", "9",
+                     "--boundary", "lt", "--thr", "0.4", "--scale-ratio", "orig/cal")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_train_records_the_combination_and_evaluates_with_it(trained_combine):
+    cfg = tomllib.loads((trained_combine / "config.toml").read_text())
+    assert Combination.from_dict(cfg["combine"]) == RECORDED
+    _, _, meta = load_head(trained_combine / "head.pt")
+    assert Combination.from_dict(meta["config"]["combine"]) == RECORDED
+    summary = json.loads((trained_combine / "eval" / "eval_summary.json").read_text())
+    assert list(summary["rows"]) == ["orig", "cal-only", "sel-thr"]  # the config's rule, besides the two heads
+    assert summary["combinations"]["sel-thr"] == RECORDED.to_dict()
+
+
+def test_train_with_a_toml_combine_section(tiny_store, tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('[combine]\nrule = "sel"\nT = 100\nboundary = "lt"\nthr = 0.05\nscale_ratio = "orig/cal"\n')
+    out = tmp_path / "run"
+    result = run_cli("train", "--cache", tiny_store, "--out", out, "--config", toml, "--T", "inf", "--no-eval",
+                     "--steps", "2", "--milestones", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    _, _, meta = load_head(out / "head.pt")
+    assert Combination.from_dict(meta["config"]["combine"]) == Combination(T=float("inf"), boundary="lt",
+                                                                           scale_ratio="orig/cal")
+    assert "T = inf" in (out / "config.toml").read_text()  # TOML has inf; config.json says "inf"
+    assert json.loads((out / "config.json").read_text())["combine"]["T"] == "inf"
+
+
+def test_eval_defaults_to_the_head_runs_recorded_combination(trained_combine, tiny_store, tmp_path):
+    rec, thr = tmp_path / "recorded", tmp_path / "thr"
+    r = run_cli("eval", "--cache", tiny_store, "--head", trained_combine, "--combine", "sel-thr,orig", "--out", rec,
+                "--quiet")
+    assert r.exit_code == 0, r.output
+    combos = json.loads((rec / "eval_summary.json").read_text())["combinations"]
+    assert combos == {"sel-thr": RECORDED.to_dict(), "orig": RECORDED.override(rule="orig").to_dict()}
+    # --thr overrides that one field; T, boundary and scale_ratio stay the recorded ones.
+    r = run_cli("eval", "--cache", tiny_store, "--head", trained_combine, "--combine", "sel-thr", "--thr", "0.05",
+                "--out", thr, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert json.loads((thr / "eval_summary.json").read_text())["combinations"]["sel-thr"] == \
+        RECORDED.override(thr=0.05).to_dict()
+    assert _results(rec / "results_sel-thr.json") != _results(thr / "results_sel-thr.json")  # thr reached the result
+
+
+def test_eval_of_a_head_with_default_combine_takes_the_record_defaults(trained, tiny_store, tmp_path):
+    r = run_cli("eval", "--cache", tiny_store, "--head", trained, "--combine", "sel", "--out", tmp_path, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "eval_summary.json").read_text())["combinations"] == {"sel": Combination().to_dict()}
+
+
+@pytest.mark.parametrize("cmd,flags,words", [
+    ("train", ["--T", "-1"], ["T=-1"]),
+    ("train", ["--combine", "bogus"], ["bogus", "sel-thr"]),
+    ("train", ["--thr", "1"], ["thr=1.0"]),
+    ("eval", ["--boundary", "lte"], ["lte", "'le'"]),
+    ("eval", ["--scale-ratio", "down"], ["down", "orig/cal"]),
+])
+def test_bad_combination_flags_are_one_line(cmd, flags, words, trained, tiny_store, tmp_path):
+    where = ["--out", tmp_path / "run"] if cmd == "train" else ["--head", trained]
+    line = error_line(run_cli(cmd, "--cache", tiny_store, *where, *flags, "--quiet"))
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "run").exists()

@@ -11,6 +11,7 @@ import torch
 
 from cache_schema.errors import ConfigError, SchemaError
 from cache_schema.records import ClassInfo, RoiSet
+from heads.combine import Combination
 from heads.evaluation.cached import evaluate_cached
 from heads.evaluation.detections import paste_roi_masks
 
@@ -84,7 +85,8 @@ def build_roiset(confuse: dict[int, int] | None = None) -> RoiSet:
 
 def run(tmp_path, roiset, cal_logits=None, combine="orig", T=300.0):
     return evaluate_cached(roiset=roiset, class_info=class_info(),
-                           cal_probs=None if cal_logits is None else torch.softmax(cal_logits.float(), 1), combine=combine, T=T,
+                           cal_probs=None if cal_logits is None else torch.softmax(cal_logits.float(), 1),
+                           combination=Combination(rule=combine, T=T),
                            gt_json=gt_json(tmp_path), image_ids=IMAGE_IDS, image_sizes=SIZES, progress=False)
 
 

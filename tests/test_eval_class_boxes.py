@@ -28,6 +28,7 @@ from cache_schema.postprocess import BoxRegression
 from cache_schema.layout import ROOT_ATTR
 from cache_schema.meta import StoreMeta
 from cache_schema.postprocess import Postprocess
+from heads.combine import Combination
 from heads.cli import app
 from heads.evaluation.class_boxes import ClassBoxes, BoxDecoder, decode_class_boxes, delta_xywh_decode
 from heads.evaluation.detections import assemble_detection_arrays, merge_det, select_detections, select_detections_many
@@ -338,7 +339,7 @@ def test_heads_eval_gives_box_ap_from_decoded_class_boxes_and_says_so(cs_store, 
 
 
 def test_both_evaluators_agree_on_a_class_specific_store(cs_store):
-    rows = {ev: evaluate_from_store(cache=str(cs_store), head=None, combines=("orig",), T=300, out_dir=None,
+    rows = {ev: evaluate_from_store(cache=str(cs_store), head=None, combinations=(Combination(rule="orig"),), out_dir=None,
                                     progress=False, evaluator=ev) for ev in ("fast", "lvis-api")}
     fast, api = rows["fast"].rows["orig"], rows["lvis-api"].rows["orig"]
     assert fast.segm is None and api.segm is None
@@ -353,8 +354,8 @@ def test_zero_regressor_equals_a_class_agnostic_store_of_the_proposals(tiny_stor
     split = open_store(agnostic, mode="r+").split("val")
     split.array("rois/reg_boxes")[...] = split.array("rois/boxes")[...]
     zarr.open_group(str(agnostic / "val"), mode="r+").attrs.update({"with_masks": False, "mask_overlaps": 0})
-    a = evaluate_from_store(cache=str(zero), head=None, combines=("orig",), T=300, out_dir=None, progress=False)
-    b = evaluate_from_store(cache=str(agnostic), head=None, combines=("orig",), T=300, out_dir=None, progress=False)
+    a = evaluate_from_store(cache=str(zero), head=None, combinations=(Combination(rule="orig"),), out_dir=None, progress=False)
+    b = evaluate_from_store(cache=str(agnostic), head=None, combinations=(Combination(rule="orig"),), out_dir=None, progress=False)
     ma, mb = a.rows["orig"].bbox, b.rows["orig"].bbox
     assert ma.num_detections == mb.num_detections > 0
     assert ma.summary == pytest.approx(mb.summary, abs=1e-9) and ma.per_category == pytest.approx(mb.per_category, abs=1e-9)
@@ -386,9 +387,9 @@ def test_class_specific_store_with_masks_pastes_them_into_each_detections_box(ti
     store = _class_specific_copy(tiny_store, tmp_path / "masks.zarr", _regression_for(tiny_store, 2), masks=True)
     # The stored mask overlaps are of the top-class box: the array evaluator cannot use them.
     with pytest.raises(SchemaError, match="--evaluator fast is not possible: the stored mask overlaps"):
-        evaluate_from_store(cache=str(store), head=None, combines=("orig",), T=300, out_dir=None, progress=False,
+        evaluate_from_store(cache=str(store), head=None, combinations=(Combination(rule="orig"),), out_dir=None, progress=False,
                             evaluator="fast")
-    outcome = evaluate_from_store(cache=str(store), head=None, combines=("orig",), T=300, out_dir=tmp_path / "out",
+    outcome = evaluate_from_store(cache=str(store), head=None, combinations=(Combination(rule="orig"),), out_dir=tmp_path / "out",
                                   progress=False)
     m = outcome.rows["orig"]
     assert m.segm is not None and m.segm.num_detections == m.bbox.num_detections > 0

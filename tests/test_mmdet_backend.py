@@ -239,14 +239,15 @@ def test_full_inference_equals_mmdets_own_predictions_masks_included(mm_ckpt, ti
     from mmdet.apis import inference_detector
     from pycocotools import mask as mask_util
 
-    from serve.dual import Combination, DualHeadDetector
+    from heads.combine import Combination
+    from serve.dual import DualHeadDetector
 
     det = DualHeadDetector(path=mm_ckpt, device=torch.device("cpu"))
     det.category_ids = tuple(range(1, det.adapter.num_classes + 1))
     post = det.adapter.postprocess
     for path in _val_images(tiny_data, 3):
         img = read_rgb(path)
-        inf = det.infer([img], combinations=(Combination(combine="orig"),), max_dets=post.max_dets)[0]
+        inf = det.infer([img], combinations=(Combination(rule="orig"),), max_dets=post.max_dets)[0]
         res = det.results(inf.out, inf.dets[0], image_id=1, image_size=img.shape[:2], request=inf.request)
         ref = inference_detector(det.adapter.model, str(path)).pred_instances
         assert len(res) == len(ref) > 0
@@ -296,15 +297,18 @@ def test_online_calibration_through_the_mmdet_model_draws_what_the_cache_gives(m
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-3)
 
 
-@pytest.mark.parametrize("combine,head", [("sel", "lastfc"), ("cal-only", "3fc_ft")])
-def test_dual_head_checkpoint_runs_the_rule_inside_mmdet(combine, head, mm_ckpt, mm_store, tiny_data, tmp_path):
+# sel-thr with a high thr: the threshold must reach mmdet's box head through OUT.py too.
+@pytest.mark.parametrize("combine,head,thr", [("sel", "lastfc", 0.05), ("cal-only", "3fc_ft", 0.05),
+                                              ("sel-thr", "lastfc", 0.5)])
+def test_dual_head_checkpoint_runs_the_rule_inside_mmdet(combine, head, thr, mm_ckpt, mm_store, tiny_data, tmp_path):
     """A dual-head checkpoint + config loads in mmdet (init_detector, the box head registered via
     custom_imports) and its detections equal roicache's: the rule applied to both heads' scores."""
     from mmdet.apis import inference_detector, init_detector
 
     from heads.config import load_config
     from heads.pipeline import train_from_store
-    from serve.dual import Combination, DualHeadDetector
+    from heads.combine import Combination
+    from serve.dual import DualHeadDetector
     from serve.inject import inject
 
     cfg = load_config(None, {"schedule.max_steps": 15, "schedule.milestones": "10", "sampler.classes_per_batch": 3,
@@ -313,12 +317,14 @@ def test_dual_head_checkpoint_runs_the_rule_inside_mmdet(combine, head, mm_ckpt,
     # T between the class counts so that sel really mixes the heads.
     counts = sorted(open_store(str(mm_store)).classes.instance_count.tolist())
     T = float(counts[len(counts) // 2])
-    out = inject(ckpt=mm_ckpt, head=run.out_dir, combine=combine, T=T, out=tmp_path / "dual.pth")
+    out = inject(ckpt=mm_ckpt, head=run.out_dir, combination=Combination(rule=combine, T=T, thr=thr),
+                 out=tmp_path / "dual.pth")
     assert out.with_suffix(".py").is_file()
     model = init_detector(str(out.with_suffix(".py")), str(out), device="cpu")
+    assert model.roi_head.bbox_head.combine == Combination(rule=combine, T=T, thr=thr)  # the whole record reached mmdet
     ours = DualHeadDetector(path=out, device=torch.device("cpu"))
     ours.category_ids = tuple(range(ours.adapter.num_classes))
-    assert ours.default.combine == combine and ours.default.T == T
+    assert ours.default == Combination(rule=combine, T=T, thr=thr)
     for path in _val_images(tiny_data, 2):
         img = read_rgb(path)
         inf = ours.infer([img], combinations=(ours.default,), max_dets=ours.adapter.postprocess.max_dets)[0]
@@ -329,17 +335,18 @@ def test_dual_head_checkpoint_runs_the_rule_inside_mmdet(combine, head, mm_ckpt,
         torch.testing.assert_close(d.boxes, ref.bboxes, atol=1e-3, rtol=1e-4)
         assert torch.equal(d.labels, ref.labels)
         # and the rule changed something: the plain model's scores differ.
-        plain = ours.detect(inf.out, Combination(combine="orig"), img.shape[:2], max_dets=len(ref))
+        plain = ours.detect(inf.out, Combination(rule="orig"), img.shape[:2], max_dets=len(ref))
         assert not torch.allclose(plain.scores[: len(d)], d.scores[: len(plain)])
 
 
 def test_cached_box_ap_equals_full_box_ap(mm_ckpt, mm_store, tiny_data, tmp_path):
     """heads eval (boxes recomputed from the stored fc features and the stored regressor) gives the
     box AP of full inference through the model; mask AP only from full inference, with a note."""
+    from heads.combine import Combination
     from heads.pipeline import evaluate_from_store
     from serve.evaluate import evaluate_detector
 
-    cached = evaluate_from_store(cache=str(mm_store), head=None, combines=("orig",), T=300.0,
+    cached = evaluate_from_store(cache=str(mm_store), head=None, combinations=(Combination(rule="orig"),),
                                  out_dir=tmp_path / "cached", progress=False)
     full = evaluate_detector(ckpt=mm_ckpt, data=tiny_data, out_dir=tmp_path / "full", combines=("orig",),
                              progress=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from heads.combine import Combination
 from heads.config import load_config
 from heads.pipeline import evaluate_from_store, train_from_store
 from serve.cli import app
@@ -92,8 +93,9 @@ def test_sel_T_inf_equals_cal_only(injected_eval):
 
 
 def test_full_inference_matches_cached_evaluation(injected_eval, head_run, tiny_store):
-    cached = evaluate_from_store(cache=str(tiny_store), head=head_run, combines=("orig", "cal-only", "sel"),
-                                 T=T_MIX, out_dir=None, progress=False).rows
+    cached = evaluate_from_store(cache=str(tiny_store), head=head_run,
+                                 combinations=Combination(T=T_MIX).per_rule(("orig", "cal-only", "sel")),
+                                 out_dir=None, progress=False).rows
     full = summary(injected_eval)["rows"]
     pairs = {"orig": "orig", "cal-only": "cal-only", "sel": f"sel@T={T_MIX}"}
     for cached_name, full_name in pairs.items():
@@ -108,7 +110,8 @@ def test_full_inference_matches_cached_evaluation(injected_eval, head_run, tiny_
 
 
 def test_fast_evaluator_equals_the_lvis_api_on_a_real_store(head_run, tiny_store):
-    rows = {ev: evaluate_from_store(cache=str(tiny_store), head=head_run, combines=("orig", "sel"), T=T_MIX,
+    rows = {ev: evaluate_from_store(cache=str(tiny_store), head=head_run,
+                                    combinations=Combination(T=T_MIX).per_rule(("orig", "sel")),
                                     out_dir=None, progress=False, evaluator=ev).rows for ev in ("fast", "lvis-api")}
     for name in ("orig", "sel"):
         fast, api = rows["fast"][name], rows["lvis-api"][name]
@@ -132,11 +135,67 @@ def test_a_store_without_mask_overlaps_falls_back_to_the_lvis_api(head_run, tiny
     old = tmp_path / "old.zarr"
     shutil.copytree(tiny_store, old)
     zarr.open_group(str(old / "val"), mode="r+").attrs["mask_overlaps"] = 0  # as stores made before them
-    auto = evaluate_from_store(cache=str(old), head=head_run, combines=("orig",), T=T_MIX, out_dir=None, progress=False)
+    orig = (Combination(rule="orig"),)
+    auto = evaluate_from_store(cache=str(old), head=head_run, combinations=orig, out_dir=None, progress=False)
     note = [n for n in auto.rows["orig"].notes if n.startswith("evaluator")]
     assert note and "lvis-api" in note[0] and "re-extract val" in note[0]
     assert auto.rows["orig"].segm["AP"] == evaluate_from_store(
-        cache=str(tiny_store), head=head_run, combines=("orig",), T=T_MIX, out_dir=None, progress=False).rows["orig"].segm["AP"]
+        cache=str(tiny_store), head=head_run, combinations=orig, out_dir=None, progress=False).rows["orig"].segm["AP"]
     with pytest.raises(SchemaError, match="--evaluator fast is not possible"):
-        evaluate_from_store(cache=str(old), head=head_run, combines=("orig",), T=T_MIX, out_dir=None, progress=False,
+        evaluate_from_store(cache=str(old), head=head_run, combinations=orig, out_dir=None, progress=False,
                             evaluator="fast")
+
+
+# ----------------------------------------------------------------------------- thr and scale_ratio
+
+
+@pytest.fixture(scope="module")
+def thr_ckpt(tiny_ckpt, head_run, work) -> Path:
+    """Injected with sel-thr at thr = 0.5 and sel-scale's orig/cal direction (not the defaults)."""
+    ckpt = work / "sel_thr.pt"
+    result = run_cli("inject", "--ckpt", tiny_ckpt, "--head", head_run, "--out", ckpt, "--combine", "sel-thr",
+                     "--T", T_MIX, "--thr", "0.5", "--scale-ratio", "orig/cal")
+    assert result.exit_code == 0, result.output
+    return ckpt
+
+
+def test_injected_thr_and_scale_ratio_reach_full_inference_as_cached(thr_ckpt, head_run, tiny_data, tiny_store, work):
+    out = work / "eval_thr"
+    result = run_cli("eval", "--ckpt", thr_ckpt, "--data", tiny_data, "--out", out, "--combine", "sel-thr,sel-scale",
+                     "--quiet")
+    assert result.exit_code == 0, result.output
+    injected = Combination(T=T_MIX, thr=0.5, scale_ratio="orig/cal")
+    assert summary(out)["combinations"] == {c.rule: c.to_dict() for c in injected.per_rule(("sel-thr", "sel-scale"))}
+    full = summary(out)["rows"]
+    cached = evaluate_from_store(cache=str(tiny_store), head=head_run,
+                                 combinations=injected.per_rule(("sel-thr", "sel-scale")), out_dir=None, progress=False).rows
+    defaults = evaluate_from_store(cache=str(tiny_store), head=head_run,
+                                   combinations=Combination(T=T_MIX).per_rule(("sel-thr", "sel-scale")),
+                                   out_dir=None, progress=False).rows
+    for name in ("sel-thr", "sel-scale"):
+        c, f = cached[name].to_dict(), full[name]
+        for kind in ("segm", "bbox"):
+            assert c[kind]["num_detections"] == f[kind]["num_detections"]
+            assert abs(c[kind]["summary"]["AP"] - f[kind]["summary"]["AP"]) < 1e-6, (name, kind)
+        # Not vacuous: the record's defaults (thr 0.05, cal/orig) give other detections.
+        assert defaults[name].to_dict() != c, name
+
+
+def test_serve_eval_flags_override_the_injected_combination_per_field(thr_ckpt, tiny_data, work):
+    hi, lo = work / "eval_thr_hi", work / "eval_thr_lo"
+    for out, flags in ((hi, ()), (lo, ("--thr", "0.05", "--boundary", "lt"))):
+        result = run_cli("eval", "--ckpt", thr_ckpt, "--data", tiny_data, "--out", out, "--limit", 2, "--quiet", *flags)
+        assert result.exit_code == 0, result.output
+    assert list(summary(hi)["rows"]) == ["sel-thr"]  # the checkpoint's rule by default
+    assert summary(hi)["combinations"]["sel-thr"] == Combination(rule="sel-thr", T=T_MIX, thr=0.5,
+                                                                scale_ratio="orig/cal").to_dict()
+    assert summary(lo)["combinations"]["sel-thr"] == Combination(rule="sel-thr", T=T_MIX, boundary="lt", thr=0.05,
+                                                                scale_ratio="orig/cal").to_dict()
+    assert results(hi / "results_sel-thr.json") != results(lo / "results_sel-thr.json")
+
+
+def test_bad_serve_eval_override_is_one_line(thr_ckpt, tiny_data, work):
+    result = run_cli("eval", "--ckpt", thr_ckpt, "--data", tiny_data, "--out", work / "e_bad_thr", "--thr", "2", "--quiet")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "thr=2.0" in lines[0] and "[0, 1)" in lines[0]

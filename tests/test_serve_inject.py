@@ -27,12 +27,12 @@ from extract.detectors.adapter import TorchvisionAdapter
 from extract.detectors.arch import DetectorArch
 from extract.detectors.toy import tiny_arch
 from extract.detectors.train import train_detector
-from heads.combine import RULES, CombineConfig, combine_scores
+from heads.combine import RULES, Combination, combine_scores
 from heads.config import load_config
 from heads.models import head_scores, load_head
 from heads.pipeline import train_from_store
 from serve.cli import app
-from serve.dual import Combination, DualHeadDetector
+from serve.dual import DualHeadDetector
 from extract.detectors.plain import build_plain_torchvision
 from tests.pipeline_fixtures import TINY_DATA, TINY_TRAIN
 
@@ -93,7 +93,7 @@ def sel_ckpt(tiny_ckpt, head_3fc, work) -> Path:
 
 def test_injected_scores_are_the_combination_of_the_two_heads(sel_ckpt, tiny_ckpt, head_3fc, tiny_store, tiny_data):
     det = DualHeadDetector(path=sel_ckpt, device=CPU)
-    assert det.default == Combination(combine="sel", T=float(T_MIX), boundary="le")
+    assert det.default == Combination(rule="sel", T=T_MIX, boundary="le")
     counts = torch.as_tensor(open_store(tiny_store).classes.instance_count, dtype=torch.int64)
     assert det.calibration.instance_count == tuple(int(v) for v in counts)
     _, images = val_images(tiny_data, 2)
@@ -102,7 +102,7 @@ def test_injected_scores_are_the_combination_of_the_two_heads(sel_ckpt, tiny_ckp
     adapter = TorchvisionAdapter.from_checkpoint(tiny_ckpt, device=CPU)
     refs = adapter.run(images, levels=("pooled",), with_masks=True, max_proposals=adapter.arch.rpn_post_nms_top_n_test)
     head, spec, _ = load_head(head_3fc / "head.pt")
-    use_cal = CombineConfig(T=T_MIX).use_cal(counts)
+    use_cal = Combination(T=T_MIX).use_cal(counts)
     assert use_cal.any() and not use_cal.all()  # a real mix of both heads
     for out, ref in zip(outs, refs):
         np.testing.assert_array_equal(out.logits, ref.logits)  # injection left the detector untouched
@@ -110,9 +110,9 @@ def test_injected_scores_are_the_combination_of_the_two_heads(sel_ckpt, tiny_ckp
         with torch.inference_mode():
             p_cal = head_scores(spec, head(torch.from_numpy(ref.features["pooled"])))
         for rule in ("sel", "cal-only", "avg", "sel-thr", "sel-scale", "sel-norm"):
-            got = det.scores(out, Combination(combine=rule, T=T_MIX))[0]
+            got = det.scores(out, Combination(rule=rule, T=T_MIX))[0]
             want = combine_scores(rule, p_orig=p_orig, p_cal=p_cal, instance_count=counts,
-                                  config=CombineConfig(T=T_MIX))[0]
+                                  config=Combination(T=T_MIX))[0]
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         sel = det.scores(out, det.default)[0]
         torch.testing.assert_close(sel[:, use_cal], p_cal[:, :-1][:, use_cal], rtol=0, atol=1e-6)
@@ -125,7 +125,7 @@ def test_masks_of_detected_rows_only_equal_masks_of_all_rows(sel_ckpt, tiny_data
     300 detections per image must still get its mask (more than the arch's 50 per image here)."""
     det = DualHeadDetector(path=sel_ckpt, device=CPU)
     records, images = val_images(tiny_data, 2)
-    wanted = (det.default, Combination(combine="orig"))
+    wanted = (det.default, Combination(rule="orig"))
     selective = det.run_images(images, combinations=wanted, max_dets=300)
     complete = det.run_images(images)
     for rec, sel_out, all_out in zip(records, selective, complete):
@@ -141,7 +141,7 @@ def test_infer_detections_equal_detections_of_complete_outputs(sel_ckpt, tiny_da
     RoIs that need masks); the results must equal assembling them from complete outputs."""
     det = DualHeadDetector(path=sel_ckpt, device=CPU)
     records, images = val_images(tiny_data, 3)
-    wanted = (det.default, Combination(combine="orig"), Combination(combine="cal-only"))
+    wanted = (det.default, Combination(rule="orig"), Combination(rule="cal-only"))
     inferred = det.infer(images, combinations=wanted, max_dets=300)
     complete = det.run_images(images)
     assert len(inferred) == len(images)
@@ -159,7 +159,7 @@ def test_injected_checkpoint_records_provenance(sel_ckpt, tiny_ckpt, head_3fc):
     injected = payload["meta"]["injected"]
     assert injected["source_checkpoint_sha256"] == sha256_file(tiny_ckpt)
     assert injected["head_sha256"] == sha256_file(head_3fc / "head.pt")
-    assert (injected["combine"], injected["T"]) == ("sel", T_MIX)
+    assert injected["combine"] == "sel" and injected["combination"] == Combination(rule="sel", T=T_MIX).to_dict()
     original = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert all(torch.equal(original[k], payload["state_dict"][k]) for k in original)
 
@@ -189,7 +189,7 @@ def test_replace_checkpoint_is_stock_torchvision_with_cal_only_scores(tiny_ckpt,
     cat_ids = [int(c["id"]) for c in payload["categories"]]
     per_image = dual.adapter.arch.box_detections_per_img
     for rec, out, tv in zip(records, dual.run_images(images), stock):
-        dets = dual.detections(out, Combination(combine="cal-only"), image_id=rec["id"],
+        dets = dual.detections(out, Combination(rule="cal-only"), image_id=rec["id"],
                                image_size=(rec["height"], rec["width"]), max_dets=per_image)
         top = 10
         assert len(dets) == len(tv["scores"]) >= top
@@ -266,3 +266,87 @@ def test_plain_checkpoint_has_no_calibrated_scheme(tiny_ckpt, tiny_data, work):
     line = error_line(run_cli("eval", "--ckpt", tiny_ckpt, "--data", tiny_data, "--combine", "sel",
                               "--out", work / "e_plain_sel", "--quiet"))
     assert "no calibrated head" in line and "serve inject" in line
+
+
+# ----------------------------------------------------------------------------- the combination record
+
+
+@pytest.fixture(scope="module")
+def head_recorded(tiny_store, work) -> Path:
+    """A head whose run recorded a non-default ``[combine]`` (what `serve inject` defaults to)."""
+    cfg = load_config(None, {"schedule.max_steps": 30, "schedule.milestones": "20", "run.seed": 5, "run.device": "cpu",
+                             "combine.rule": "sel-thr", "combine.T": T_MIX, "combine.boundary": "lt",
+                             "combine.thr": 0.3, "combine.scale_ratio": "orig/cal"})
+    return train_from_store(cache=str(tiny_store), config=cfg, out_dir=work / "run_recorded", progress=False).out_dir
+
+
+def test_inject_defaults_to_the_head_runs_recorded_combination(tiny_ckpt, head_recorded, work):
+    recorded = Combination(rule="sel-thr", T=T_MIX, boundary="lt", thr=0.3, scale_ratio="orig/cal")
+    out = work / "recorded.pt"
+    assert run_cli("inject", "--ckpt", tiny_ckpt, "--head", head_recorded, "--out", out).exit_code == 0
+    assert DualHeadDetector(path=out, device=CPU).default == recorded
+    # Each flag given overrides its field only.
+    out2 = work / "recorded_T.pt"
+    result = run_cli("inject", "--ckpt", tiny_ckpt, "--head", head_recorded, "--out", out2, "--T", "inf",
+                     "--combine", "sel-scale")
+    assert result.exit_code == 0, result.output
+    assert DualHeadDetector(path=out2, device=CPU).default == Combination(
+        rule="sel-scale", T=float("inf"), boundary="lt", thr=0.3, scale_ratio="orig/cal")
+    record = torch.load(out2, map_location="cpu", weights_only=True)["calibration"]["combination"]
+    assert record["T"] == "inf" and json.dumps(record, allow_nan=False)
+
+
+def test_thr_given_at_inject_time_is_what_the_checkpoint_scores_with(tiny_ckpt, head_3fc, tiny_data, work):
+    out = work / "sel_thr.pt"
+    result = run_cli("inject", "--ckpt", tiny_ckpt, "--head", head_3fc, "--out", out, "--combine", "sel-thr",
+                     "--T", T_MIX, "--thr", "0.5", "--boundary", "lt", "--scale-ratio", "orig/cal")
+    assert result.exit_code == 0, result.output
+    assert "thr=0.5" in result.stdout
+    det = DualHeadDetector(path=out, device=CPU)
+    assert det.default == Combination(rule="sel-thr", T=T_MIX, boundary="lt", thr=0.5, scale_ratio="orig/cal")
+    _, images = val_images(tiny_data, 2)
+    out0 = det.run_images(images)[0]
+    high = det.scores(out0, det.default)[0]
+    low = det.scores(out0, det.with_default(thr=0.05))[0]
+    assert not torch.equal(high, low)  # thr bites: cal scores in [0.05, 0.5) are zeroed at 0.5 only
+    p_orig, p_cal = det.probabilities(out0)
+    counts = torch.as_tensor(det.calibration.instance_count)
+    want = combine_scores("sel-thr", p_orig=p_orig, p_cal=p_cal, instance_count=counts, config=det.default)[0]
+    torch.testing.assert_close(high, want, rtol=0, atol=0)
+    scale = det.with_default(rule="sel-scale")
+    assert not torch.equal(det.scores(out0, scale)[0], det.scores(out0, scale.override(scale_ratio="cal/orig"))[0])
+
+
+@pytest.mark.parametrize("T,want", [(T_MIX, float(T_MIX)), ("inf", float("inf"))])
+def test_a_calibration_record_of_the_older_format_still_loads(sel_ckpt, work, T, want):
+    """Checkpoints injected before the combination record kept top-level combine/T/boundary."""
+    payload = torch.load(sel_ckpt, map_location="cpu", weights_only=True)
+    record = dict(payload["calibration"])
+    del record["combination"]
+    record.update(combine="sel", T=T, boundary="lt")
+    old = work / f"old_format_{T}.pt"
+    torch.save({**payload, "calibration": record}, old)
+    det = DualHeadDetector(path=old, device=CPU)
+    assert det.default == Combination(rule="sel", T=want, boundary="lt")  # thr, scale_ratio: defaults
+    assert det.calibration.instance_count == DualHeadDetector(path=sel_ckpt, device=CPU).calibration.instance_count
+
+
+def test_malformed_calibration_record_is_a_checkpoint_error(sel_ckpt, tiny_data, work):
+    payload = torch.load(sel_ckpt, map_location="cpu", weights_only=True)
+    bad = work / "bad_record.pt"
+    torch.save({**payload, "calibration": {**payload["calibration"], "combination": {"rule": "sel", "T": "lots"}}}, bad)
+    line = error_line(run_cli("eval", "--ckpt", bad, "--data", tiny_data, "--out", work / "e_bad_record", "--quiet"))
+    assert "calibration record is malformed" in line and "lots" in line and "re-inject" in line
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--T", "-3"], ["T=-3"]),
+    (["--boundary", "lte"], ["lte", "'le'"]),
+    (["--thr", "1.5"], ["thr=1.5", "[0, 1)"]),
+    (["--scale-ratio", "up"], ["up", "cal/orig"]),
+])
+def test_bad_combination_flags_of_inject_are_one_line(flags, words, tiny_ckpt, head_3fc, work):
+    out = work / "bad_flag.pt"
+    line = error_line(run_cli("inject", "--ckpt", tiny_ckpt, "--head", head_3fc, "--out", out, *flags))
+    assert all(w in line for w in words), line
+    assert not out.exists()

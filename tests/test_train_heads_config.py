@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
 from cache_schema.errors import ConfigError
-from heads.config import ScheduleConfig, TrainConfig, dump_toml, load_config
+from heads.combine import Combination
+from heads.config import (ScheduleConfig, TrainConfig, config_from_dict, config_to_dict, dump_toml, load_config,
+                          training_identity)
 
 
 def _write(tmp_path, text):
@@ -73,3 +78,49 @@ def test_bad_values_are_config_errors(tmp_path):
         load_config(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="true or false"):
         load_config(None, {"sampler.class_replacement": "maybe"})
+
+
+# ----------------------------------------------------------------------------- [combine]
+
+
+def test_combine_section_from_toml_and_overrides(tmp_path):
+    path = _write(tmp_path, '[combine]\nrule = "sel"\nT = 100\nboundary = "lt"\nthr = 0.05\nscale_ratio = "orig/cal"\n')
+    cfg = load_config(path)
+    assert cfg.combine == Combination(rule="sel", T=100.0, boundary="lt", thr=0.05, scale_ratio="orig/cal")
+    over = load_config(path, {"combine.T": "inf", "combine.rule": "sel-thr", "combine.thr": "0.5"})
+    assert (over.combine.T, over.combine.rule, over.combine.thr, over.combine.boundary) == (math.inf, "sel-thr", 0.5, "lt")
+    assert load_config(None).combine == Combination()
+
+
+@pytest.mark.parametrize("combine", [Combination(rule="sel-scale", T=math.inf, boundary="lt", thr=0.3, scale_ratio="orig/cal"),
+                                     Combination(rule="avg", T=0)])
+def test_combine_round_trips_through_toml_and_json(combine, tmp_path):
+    cfg = load_config(None, {"combine": combine.to_dict(), "run.seed": 3})
+    assert cfg.combine == combine
+    assert load_config(_write(tmp_path, dump_toml(cfg))) == cfg  # TOML writes inf as inf
+    d = config_to_dict(cfg)
+    assert config_from_dict(json.loads(json.dumps(d, allow_nan=False))) == cfg  # JSON: T = "inf"
+
+
+def test_combine_is_not_part_of_the_training_identity():
+    """A post-training setting: changing it must not refuse resuming an interrupted run."""
+    base = load_config(None)
+    other = load_config(None, {"combine.rule": "sel-thr", "combine.T": "7", "combine.boundary": "lt",
+                               "combine.thr": "0.4", "combine.scale_ratio": "orig/cal"})
+    assert training_identity(other) == training_identity(base)
+    assert "combine" not in json.dumps(training_identity(base))
+
+
+@pytest.mark.parametrize("override,words", [
+    ({"combine.rule": "bogus"}, ["bogus", "sel-thr"]),
+    ({"combine.T": "many"}, ["combine.T", "many"]),
+    ({"combine.boundary": "lte"}, ["lte", "le"]),
+    ({"combine.boundary": 3}, ["combine.boundary", "'le', 'lt'"]),
+    ({"combine.scale_ratio": "x"}, ["x", "orig/cal"]),
+    ({"combine.thr": "2"}, ["thr=2.0"]),
+    ({"combine.mode": "sel"}, ["combine.mode", "rule, T, boundary, thr, scale_ratio"]),
+])
+def test_bad_combine_settings_are_one_line_config_errors(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, override)
+    assert "\n" not in str(info.value) and all(w in str(info.value) for w in words), str(info.value)

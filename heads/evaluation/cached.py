@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ from lvis import LVIS
 from cache_schema.errors import ConfigError, SchemaError
 from cache_schema.postprocess import BoxRegression
 from cache_schema.records import ClassInfo, RoiSet
-from heads.combine import CombineConfig, get_rule
+from heads.combine import Combination, get_rule
 from heads.evaluation.class_boxes import BoxDecoder, ClassBoxes
 from heads.evaluation.detections import MIN_BOX_SIZE, Detections, merge_det, select_detections_many, to_results
 from heads.evaluation.lvis_eval import evaluate_lvis
@@ -87,8 +86,7 @@ def detect_cached_arrays(
     roiset: RoiSet,
     class_info: ClassInfo,
     cal_probs: torch.Tensor | None,
-    combine: str,
-    config: CombineConfig,
+    combination: Combination,
     image_ids: np.ndarray,
     image_sizes: np.ndarray,
     score_thresh: float = 0.0,
@@ -110,7 +108,7 @@ def detect_cached_arrays(
     """
     _check(roiset, class_info, cal_probs, image_ids, image_sizes, box_regression, box_features)
     decoder = BoxDecoder(box_regression) if box_regression is not None else None
-    rule = get_rule(combine)
+    rule = get_rule(combination.rule)
     # Softmax once over all rows (vectorised); combination is per image because sel-scale's
     # background means are per image, as in per-image detector inference.
     p_orig = torch.softmax(roiset.logits.float(), dim=1)
@@ -120,10 +118,10 @@ def detect_cached_arrays(
     positions = roiset.images.cpu().numpy()
     out: list[Detections] = []
     # Images go through detection assembly in blocks: the NMS works on whole blocks at once.
-    for start in _iterate_blocks(roiset.num_images, progress, f"detect ({combine})"):
+    for start in _iterate_blocks(roiset.num_images, progress, f"detect ({combination.rule})"):
         js = range(start, min(start + DETECT_BLOCK, roiset.num_images))
         streams = [rule(p_orig=p_orig[roiset.rows_of(j)], p_cal=p_cal[roiset.rows_of(j)] if p_cal is not None else None,
-                        instance_count=counts, config=config) for j in js]
+                        instance_count=counts, config=combination) for j in js]
         if decoder is None:
             boxes = [roiset.reg_boxes[roiset.rows_of(j)] for j in js]
         else:
@@ -160,15 +158,13 @@ def evaluate_cached(
     roiset: RoiSet,
     class_info: ClassInfo,
     cal_probs: torch.Tensor | None,
-    combine: str,
-    T: float,
+    combination: Combination,
     gt_json: str | os.PathLike[str] | LVIS,
     image_ids: np.ndarray,
     image_sizes: np.ndarray,
     bins: BinSpec | None = None,
     max_dets: int = 300,
     progress: bool = True,
-    config: CombineConfig | None = None,
     score_thresh: float = 0.0,
     nms_iou: float = 0.5,
     iou_types: Sequence[str] = ("segm", "bbox"),
@@ -185,12 +181,11 @@ def evaluate_cached(
         class_info: the store's class table (json category ids, training instance counts).
         cal_probs: float ``[N, C+1]`` calibrated head's class probabilities (background last) for the
             same rows (``heads.models.head_scores``), or None.
-        combine: a rule of :data:`heads.combine.RULES` (``orig``, ``sel``, ``det``, ...).
-        T: instance-count threshold of the ``sel*`` rules (overrides ``config.T``).
+        combination: the rule (``orig``, ``sel``, ``det``, ...) and its settings (T, boundary,
+            sel-thr threshold, sel-scale direction).
         gt_json: the split's annotation file (or a loaded :class:`lvis.LVIS`).
         image_ids: int ``[S]`` json id of every split position; image_sizes: int ``[S, 2]`` (h, w).
         bins: AP bins (default LVIS); max_dets: detections per image (300).
-        config: other combination settings (boundary, sel-thr threshold, sel-scale direction).
         progress: show a progress bar (rich) over images.
         score_thresh, nms_iou, min_box_size: detection assembly settings (torchvision's 0.0 / 0.5 /
             1e-2 by default; the store's ``Postprocess``).
@@ -200,8 +195,7 @@ def evaluate_cached(
     Returns:
         (LVIS results list, :class:`Metrics` over exactly the RoiSet's images).
     """
-    cfg = replace(config or CombineConfig(), T=float(T))
-    dets = detect_cached_arrays(roiset=roiset, class_info=class_info, cal_probs=cal_probs, combine=combine, config=cfg,
+    dets = detect_cached_arrays(roiset=roiset, class_info=class_info, cal_probs=cal_probs, combination=combination,
                                 image_ids=image_ids, image_sizes=image_sizes, score_thresh=score_thresh, nms_iou=nms_iou,
                                 max_dets=max_dets, progress=progress, min_box_size=min_box_size,
                                 box_regression=box_regression, box_features=box_features)
