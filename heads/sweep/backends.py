@@ -1,0 +1,121 @@
+"""Where a sweep's jobs run: a local spawn pool sharing the parent's train inputs
+(:class:`ProcessBackend`) or Ray tasks (:class:`RayBackend`). Both hand out
+``concurrent.futures.Future`` objects, so :mod:`heads.sweep.runner` schedules them alike."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib
+import logging
+import socket
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import torch.multiprocessing
+
+from cache_schema.errors import ConfigError
+from cache_schema.runtime import available_cores
+from heads.sweep.jobs import (ScoreJob, TrainInputs, TrainJob, init_pool_worker, score_in_pool, score_in_ray,
+                              train_in_pool, train_in_ray)
+
+
+class Backend(Protocol):
+    """Where jobs run: ``train`` gives a future of :class:`~heads.sweep.jobs.TrainDone`, ``score``
+    one of :class:`~heads.sweep.results.TrialResult`; ``close`` frees the workers."""
+
+    def train(self, job: TrainJob) -> cf.Future: ...
+
+    def score(self, job: ScoreJob) -> cf.Future: ...
+
+    def close(self) -> None: ...
+
+
+class ProcessBackend:
+    """Jobs on a local spawn pool whose workers share the parent's :class:`TrainInputs`."""
+
+    def __init__(self, *, jobs: int, inputs: TrainInputs | None) -> None:
+        threads = max(1, available_cores() // jobs)
+        # spawn, not fork: a forked child of a process that already ran torch's thread pools can
+        # deadlock; torch's context pickles shared tensors as file descriptors.
+        self.pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=torch.multiprocessing.get_context("spawn"),
+                                           initializer=init_pool_worker, initargs=(inputs, threads))
+
+    def train(self, job: TrainJob) -> cf.Future:
+        return self.pool.submit(train_in_pool, job)
+
+    def score(self, job: ScoreJob) -> cf.Future:
+        return self.pool.submit(score_in_pool, job)
+
+    def close(self) -> None:
+        # Running jobs finish (a head's last.pt and finished trials are kept); queued ones are dropped.
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _reachable(address: str) -> None:
+    """Refuse quickly (3 s) an address nothing listens on; ``ray.init`` would retry for a minute."""
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        raise ConfigError(f"--address {address!r} is not ray://HOST:PORT, HOST:PORT, auto or local")
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as e:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({e.strerror or e}); start one with "
+                          "`ray start --head` and pass its address, or use --address local") from None
+
+
+class RayBackend:
+    """Jobs as Ray tasks (one CPU each) on an existing cluster or a local instance."""
+
+    def __init__(self, *, address: str, cache: str, jobs: int | None) -> None:
+        try:
+            self.ray = importlib.import_module("ray")
+        except ImportError:
+            raise ConfigError("--address needs Ray: pip install 'roicache[ray]' (or drop --address to run on local "
+                              "processes)") from None
+        if address == "local":
+            self.ray.init(num_cpus=jobs or available_cores(), include_dashboard=False, log_to_driver=False,
+                          logging_level=logging.ERROR)  # the sweep's progress is the display, not Ray's log
+        else:
+            if address != "auto":
+                _reachable(address)
+            try:
+                self.ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"--address {address}: cannot connect to a Ray cluster ({first}); start one with "
+                                  "`ray start --head` and pass its address, or use --address local") from None
+        self.cache = cache
+        self._train = self.ray.remote(num_cpus=1)(train_in_ray)
+        self._score = self.ray.remote(num_cpus=1)(score_in_ray)
+
+    def train(self, job: TrainJob) -> cf.Future:
+        return self._unwrapped(self._train.remote(job, self.cache, 1).future())
+
+    def score(self, job: ScoreJob) -> cf.Future:
+        return self._unwrapped(self._score.remote(job, 1).future())
+
+    def _unwrapped(self, future: cf.Future) -> cf.Future:
+        """``future`` with a task's error as the task raised it: Ray wraps it in a RayTaskError
+        whose message carries the remote traceback, not the one line a user error should give."""
+        out: cf.Future = cf.Future()
+
+        def copy(done: cf.Future) -> None:
+            error = done.exception()
+            if error is None:
+                out.set_result(done.result())
+            else:
+                cause = getattr(error, "cause", None) if isinstance(error, self.ray.exceptions.RayTaskError) else None
+                out.set_exception(cause if isinstance(cause, BaseException) else error)
+
+        future.add_done_callback(copy)
+        return out
+
+    def close(self) -> None:
+        self.ray.shutdown()
+
+
+__all__ = ["Backend", "ProcessBackend", "RayBackend"]

@@ -1,0 +1,225 @@
+"""What a sweep worker runs: train one head (:func:`train_job`), score one trial (:func:`score_job`).
+
+Both are plain functions of frozen records, so the local process pool and Ray run the same
+code. Training reuses :func:`heads.train.train_head` on an
+:class:`~heads.sources.InMemoryRoiSource` over the :class:`TrainInputs` the caller loaded (the
+process pool loads them once and shares them; a Ray task loads its own); scoring reuses
+:func:`heads.pipeline.evaluate_from_store`, which opens the store itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cache_schema import Store, open_store
+from cache_schema.errors import SchemaError
+from cache_schema.head_init import read_head_weights
+from cache_schema.records import ClassInfo, RoiSet
+from cache_schema.runtime import pick_device
+from heads.config import config_to_dict
+from heads.evaluation import BinSpec
+from heads.models import level_for_head
+from heads.pipeline import FROM_DETECTOR, evaluate_from_store, head_meta
+from heads.sources import InMemoryRoiSource
+from heads.sweep.diagnostics import snapshot_dynamics, trial_diagnostics
+from heads.sweep.grid import Trial
+from heads.sweep.identity import check_id
+from heads.sweep.results import TrialResult
+from heads.train import snapshot_paths, train_head
+
+#: ``train_head`` writes it last: its presence marks a finished head.
+HEAD_DONE = "metrics.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainInputs:
+    """What training reads besides the config: loaded once per pool (shared) or per Ray task.
+
+    Attributes:
+        train: level -> train RoIs with float16 features ``[N, *level_shape]``.
+        val: level -> val RoIs with features (the accuracy monitor, FASA's val loss); empty
+            when the store has no val split.
+        init_state: the detector's box-head weights (float32 tensors ``fc6.*``, ``fc7.*``,
+            ``cls.*``), or ``None`` when no head of the sweep starts from them.
+        class_info: train-split class statistics.
+        head_meta: level -> the provenance ``heads train`` records in ``head.pt``.
+        detector_sha256: the detector checkpoint's sha256 (recorded in the head spec).
+    """
+
+    train: dict[str, RoiSet]
+    val: dict[str, RoiSet]
+    init_state: dict[str, torch.Tensor] | None
+    class_info: ClassInfo
+    head_meta: dict[str, dict]
+    detector_sha256: str
+
+    def __post_init__(self) -> None:
+        if set(self.head_meta) != set(self.train) or any(r.features is None for r in self.train.values()):
+            raise SchemaError("train inputs: every level needs train RoIs with features and a head record; "
+                              "build them with load_train_inputs")
+
+    def share_memory(self) -> "TrainInputs":
+        """Move every tensor into shared memory (in place) and return ``self``: pickled to a
+        worker of a ``torch.multiprocessing`` pool, a tensor then travels as a file descriptor of
+        the same pages, so the workers read the parent's arrays instead of holding copies."""
+        for roiset in (*self.train.values(), *self.val.values()):
+            for value in vars(roiset).values():
+                if isinstance(value, torch.Tensor):
+                    value.share_memory_()
+        for value in (self.init_state or {}).values():
+            value.share_memory_()
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the feature arrays (what sharing saves per extra worker)."""
+        sets = (*self.train.values(), *self.val.values())
+        return sum(r.features.numel() * r.features.element_size() for r in sets if r.features is not None)
+
+
+def load_train_inputs(store: Store, levels: tuple[str, ...], *, with_init: bool) -> TrainInputs:
+    """Read the train (and val) RoIs of ``levels`` and, with ``with_init``, the detector head."""
+    init = {k: torch.from_numpy(v).float() for k, v in read_head_weights(store).items()} if with_init else None
+    has_val = "val" in store.splits
+    return TrainInputs(
+        train={lv: store.split("train").load(level=lv) for lv in levels},
+        val={lv: store.split("val").load(level=lv) for lv in levels} if has_val else {},
+        init_state=init, class_info=store.classes, head_meta={lv: head_meta(store, lv) for lv in levels},
+        detector_sha256=store.meta.detector.checkpoint_sha256)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainJob:
+    """Train the head of ``trial.config`` into ``head_dir`` (resuming ``last.pt`` there)."""
+
+    train_id: str
+    trial: Trial
+    head_dir: Path
+
+    def __post_init__(self) -> None:
+        check_id("train id", self.train_id)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainDone:
+    """A finished :class:`TrainJob`: steps in total, wall seconds and steps/s of this attempt
+    (``None`` when it ran no step: ncm, or a resumed head whose steps were all done)."""
+
+    train_id: str
+    steps: int
+    seconds: float | None
+    steps_per_second: float | None
+
+
+def train_job(job: TrainJob, inputs: TrainInputs) -> TrainDone:
+    """Train (or resume) ``job``'s head with :func:`heads.train.train_head` on ``inputs``, exactly
+    as ``heads train`` would from the store (same source rows, init weights, val and provenance)."""
+    config = job.trial.config
+    level = level_for_head(config.head.name)
+    source = InMemoryRoiSource(roiset=inputs.train[level], num_classes=inputs.class_info.num_classes)
+    init = inputs.init_state if config.head.name in FROM_DETECTOR else None
+    result = train_head(config=config, source=source, class_info=inputs.class_info, init_state=init,
+                        out_dir=job.head_dir, val=inputs.val.get(level), progress=False,
+                        init_from=inputs.detector_sha256, meta=inputs.head_meta[level])
+    return TrainDone(train_id=job.train_id, steps=result.steps, seconds=result.metrics.get("seconds"),
+                     steps_per_second=result.steps_per_second)
+
+
+def head_finished(head_dir: Path) -> bool:
+    """``head_dir`` holds a finished ``heads train`` run (its marker and the head)."""
+    return (head_dir / HEAD_DONE).is_file() and (head_dir / "head.pt").is_file()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreJob:
+    """Score one trial's head by cached evaluation: rows ``orig`` and the trial's rule.
+
+    Attributes:
+        cache: the store's path or URL (the worker opens it).
+        fingerprint: :func:`heads.sweep.identity.store_fingerprint` of it (recorded).
+        bins, evaluator: the grid's evaluation settings.
+    """
+
+    cache: str
+    trial: Trial
+    trial_id: str
+    train_id: str
+    head_dir: Path
+    fingerprint: dict
+    bins: str
+    evaluator: str
+
+    def __post_init__(self) -> None:
+        check_id("trial id", self.trial_id)
+        check_id("train id", self.train_id)
+
+
+def score_job(job: ScoreJob) -> TrialResult:
+    """Cached evaluation of the finished head in ``job.head_dir`` (rows ``orig`` and the trial's
+    rule, the trial's combination settings) plus the diagnostics the plots read."""
+    config = job.trial.config
+    # `orig` is the reference every row is read against (one row when the trial's rule is orig).
+    combinations = config.combine.per_rule(("orig", config.combine.rule))
+    device = str(pick_device(config.run.device))
+    outcome = evaluate_from_store(cache=job.cache, head=job.head_dir, combinations=combinations, out_dir=None,
+                                  bins=BinSpec.preset(job.bins), device=device, progress=False,
+                                  evaluator=job.evaluator)
+    trained = json.loads((job.head_dir / HEAD_DONE).read_text())
+    # What heads.sweep.plots draws besides the AP rows: per-class norms and scores of the head,
+    # and the AP of each snapshot the run kept (eval.snapshots) under the trial's combination.
+    diagnostics = trial_diagnostics(open_store(job.cache), job.head_dir, device=device)
+    if snapshot_paths(job.head_dir):
+        diagnostics["dynamics"] = snapshot_dynamics(cache=job.cache, run_dir=job.head_dir, combination=config.combine,
+                                                    bins=BinSpec.preset(job.bins), evaluator=job.evaluator,
+                                                    device=device)
+    return TrialResult(trial_id=job.trial_id, train_id=job.train_id, config=config_to_dict(config),
+                       values=job.trial.value_dict(), label=job.trial.label, store=job.fingerprint,
+                       rule=config.combine.rule, rows={rule: m.to_dict() for rule, m in outcome.rows.items()},
+                       train_seconds=trained.get("seconds"), steps_per_second=trained.get("steps_per_second"),
+                       seed=config.run.seed, diagnostics=diagnostics)
+
+
+# ----------------------------------------------------------------------------- process pool workers
+_POOL_INPUTS: TrainInputs | None = None
+
+
+def init_pool_worker(inputs: TrainInputs | None, threads: int) -> None:
+    """Pool initializer: keep the parent's shared inputs (received as file descriptors of shared
+    memory, not copies) and use ``threads`` torch threads (cores / jobs: no oversubscription)."""
+    global _POOL_INPUTS
+    _POOL_INPUTS = inputs
+    torch.set_num_threads(max(1, threads))
+
+
+def train_in_pool(job: TrainJob) -> TrainDone:
+    if _POOL_INPUTS is None:  # pragma: no cover - the runner passes inputs whenever it trains
+        raise RuntimeError("sweep worker started without train inputs")
+    return train_job(job, _POOL_INPUTS)
+
+
+def score_in_pool(job: ScoreJob) -> TrialResult:
+    return score_job(job)
+
+
+# ----------------------------------------------------------------------------- Ray tasks
+def train_in_ray(job: TrainJob, cache: str, threads: int) -> TrainDone:
+    """A Ray task: opens the store itself (the cluster's nodes do not share the driver's memory)."""
+    torch.set_num_threads(max(1, threads))
+    store = open_store(cache)
+    config = job.trial.config
+    level = level_for_head(config.head.name)
+    inputs = load_train_inputs(store, (level,), with_init=config.head.name in FROM_DETECTOR)
+    return train_job(job, inputs)
+
+
+def score_in_ray(job: ScoreJob, threads: int) -> TrialResult:
+    torch.set_num_threads(max(1, threads))
+    return score_job(job)
+
+
+__all__ = ["TrainInputs", "TrainJob", "TrainDone", "ScoreJob", "load_train_inputs", "train_job",
+           "score_job", "head_finished", "HEAD_DONE"]

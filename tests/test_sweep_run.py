@@ -1,0 +1,177 @@
+"""``heads sweep`` on the tiny real store (issue 12): trials equal direct evaluation, one head per
+training config, reruns train nothing, a killed sweep resumes, ``--jobs 2`` and Ray give the same
+rows, nothing half-written is reported.
+
+Every sweep here is real (spawned workers, ``train_head``, cached evaluation); heads train 20 steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from heads.cli import app
+from heads.combine import Combination
+from heads.pipeline import evaluate_from_store
+from heads.sweep.grid import load_grid
+from heads.sweep.results import read_sweep_record, result_path
+from heads.sweep.runner import run_sweep
+from heads.sweep.tables import write_report
+
+GRID = """
+[base.schedule]
+max_steps = 20
+milestones = [15]
+
+[[axis]]
+field = "sampler.name"
+values = ["bilevel", "random"]
+
+[[axis]]
+field = "combine.T"
+values = [10, 300]
+"""
+
+
+def results_of(out: Path) -> dict[str, dict]:
+    """trial id -> result json, for the trials ``sweep.json`` lists."""
+    return {t: json.loads(result_path(out, t).read_text()) for t in read_sweep_record(out).trial_ids}
+
+
+def table_without_times(out: Path) -> list[dict]:
+    with open(out / "table.csv") as f:
+        return [{k: v for k, v in row.items() if k != "train_seconds"} for row in csv.DictReader(f)]
+
+
+def mtimes(out: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for sub in ("heads", "results") for p in (out / sub).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def grid_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sweep_grid") / "grid.toml"
+    path.write_text(GRID)
+    return path
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_store, grid_file, tmp_path_factory):
+    """The 2x2 grid swept with one worker, uninterrupted."""
+    out = tmp_path_factory.mktemp("sweep") / "out"
+    return run_sweep(cache=str(tiny_store), grid=load_grid(grid_file), out_dir=out, jobs=1, progress=False)
+
+
+def test_2x2_grid_rows_equal_direct_evaluation_of_the_same_heads(swept, tiny_store):
+    out = swept.out_dir
+    results = results_of(out)
+    assert (swept.total, swept.scored, swept.reused) == (4, 4, 0) and len(results) == 4
+    for r in results.values():
+        head = out / "heads" / r["train_id"]
+        combine = r["config"]["combine"]
+        direct = evaluate_from_store(cache=str(tiny_store), head=head, out_dir=None, progress=False,
+                                     combinations=Combination.from_dict(combine).per_rule(("orig", r["rule"])))
+        assert r["rows"] == {rule: m.to_dict() for rule, m in direct.rows.items()}
+    table = table_without_times(out)
+    assert [(row["sampler.name"], row["combine.T"], row["rule"]) for row in table] == [
+        ("", "", "orig"), ("bilevel", "10", "sel"), ("bilevel", "300", "sel"), ("random", "10", "sel"),
+        ("random", "300", "sel")]
+    for row, trial in zip(table[1:], read_sweep_record(out).trials):
+        ap = results[trial.trial_id]["rows"]["sel"]["segm"]["summary"]["AP"]
+        assert row["trials"] == trial.trial_id and row["n_seeds"] == "1"
+        assert float(row["AP median"]) == pytest.approx(100 * ap, abs=5e-4)
+    assert "| sampler.name | combine.T | rule | n | AP |" in (out / "table.md").read_text()
+
+
+def test_post_training_axis_trains_one_head_per_training_config(swept):
+    results = results_of(swept.out_dir)
+    heads = sorted(p.name for p in (swept.out_dir / "heads").iterdir())
+    assert swept.trained == 2 and heads == sorted({r["train_id"] for r in results.values()})
+    by_sampler = {}
+    for r in results.values():
+        by_sampler.setdefault(r["values"]["sampler.name"], set()).add(r["train_id"])
+    assert all(len(ids) == 1 for ids in by_sampler.values()) and len(by_sampler) == 2
+
+
+def test_rerun_of_a_finished_sweep_trains_and_scores_nothing(swept, tiny_store, grid_file):
+    before = mtimes(swept.out_dir)
+    again = run_sweep(cache=str(tiny_store), grid=load_grid(grid_file), out_dir=swept.out_dir, jobs=1, progress=False)
+    assert (again.trained, again.scored, again.reused) == (0, 0, 4)
+    assert mtimes(swept.out_dir) == before
+
+
+def test_another_grid_in_the_same_directory_needs_overwrite(swept, tiny_store, tmp_path):
+    other = tmp_path / "other.toml"
+    other.write_text(GRID.replace("[10, 300]", "[10]"))
+    result = CliRunner().invoke(app, ["sweep", "--cache", str(tiny_store), "--grid", str(other), "--out",
+                                      str(swept.out_dir), "--quiet"])
+    assert result.exit_code == 2 and "another grid" in result.stderr and "--overwrite" in result.stderr
+
+
+def test_jobs_2_gives_the_same_rows_as_jobs_1(swept, tiny_store, grid_file, tmp_path):
+    two = run_sweep(cache=str(tiny_store), grid=load_grid(grid_file), out_dir=tmp_path / "two", jobs=2, progress=False)
+    one, other = results_of(swept.out_dir), results_of(two.out_dir)
+    assert one.keys() == other.keys()
+    assert all(one[t]["rows"] == other[t]["rows"] for t in one)
+    assert table_without_times(two.out_dir) == table_without_times(swept.out_dir)
+
+
+def test_killed_sweep_resumes_and_ends_with_the_same_table(swept, tiny_store, grid_file, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-c", "from heads.cli import main; main()", "sweep", "--cache", str(tiny_store),
+           "--grid", str(grid_file), "--out", str(out), "--jobs", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / "results").glob("*.json")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its workers: a hard kill mid-way
+        proc.wait()
+    assert 1 <= len(list((out / "results").glob("*.json"))) < 4
+    resumed = run_sweep(cache=str(tiny_store), grid=load_grid(grid_file), out_dir=out, jobs=1, progress=False)
+    assert resumed.reused >= 1 and resumed.scored == 4 - resumed.reused
+    assert table_without_times(out) == table_without_times(swept.out_dir)
+
+
+def test_half_written_results_are_never_reported_and_are_redone(swept, tiny_store, grid_file, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(swept.out_dir, out)
+    first, second = read_sweep_record(out).trial_ids[:2]
+    path = result_path(out, first)
+    path.with_name(path.name + ".tmp").write_text(path.read_text()[:100])  # a write cut short
+    result_path(out, second).write_text(result_path(out, second).read_text()[:100])  # a damaged file
+    report = write_report(out)
+    assert (report.finished, report.total) == (3, 4)
+    assert second not in (out / "table.csv").read_text() and first in (out / "table.csv").read_text()
+    again = run_sweep(cache=str(tiny_store), grid=load_grid(grid_file), out_dir=out, jobs=1, progress=False)
+    assert (again.trained, again.scored) == (0, 1)
+    assert table_without_times(out) == table_without_times(swept.out_dir)
+
+
+def test_report_command_rebuilds_the_tables(swept, tmp_path):
+    (swept.out_dir / "table.csv").unlink()
+    result = CliRunner().invoke(app, ["sweep", "report", str(swept.out_dir)])
+    assert result.exit_code == 0, result.output
+    assert (swept.out_dir / "table.csv").is_file() and "4 of 4 trials finished" in result.stdout
+    bad = CliRunner().invoke(app, ["sweep", "report", str(tmp_path)])
+    assert bad.exit_code == 2 and "not a sweep directory" in bad.stderr
+
+
+@pytest.mark.slow
+def test_ray_local_gives_the_same_rows(swept, tiny_store, grid_file, tmp_path):
+    pytest.importorskip("ray")
+    ray_run = run_sweep(cache=str(tiny_store), grid=load_grid(grid_file), out_dir=tmp_path / "ray", jobs=2,
+                        address="local", progress=False)
+    one, other = results_of(swept.out_dir), results_of(ray_run.out_dir)
+    assert one.keys() == other.keys() and all(one[t]["rows"] == other[t]["rows"] for t in one)
