@@ -168,6 +168,24 @@ def test_report_command_rebuilds_the_tables(swept, tmp_path):
     assert bad.exit_code == 2 and "not a sweep directory" in bad.stderr
 
 
+def test_sweep_writes_one_tensorboard_run_per_trial_with_its_curves_and_ap(swept):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = sorted(p for p in (swept.out_dir / "tensorboard").iterdir() if p.is_dir())
+    results = results_of(swept.out_dir)
+    assert len(runs) == len(results) == 4
+    for run in runs:
+        trial = next(r for t, r in results.items() if run.name.endswith(t[:8]))
+        acc = EventAccumulator(str(run))
+        acc.Reload()
+        log = [json.loads(line) for line in (swept.out_dir / "heads" / trial["train_id"] / "log.jsonl").read_text().splitlines()]
+        losses = [(r["step"], r["loss"]) for r in log if "loss" in r]
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars("train/loss")] == losses
+        metrics = trial["rows"][trial["rule"]]
+        ap = (metrics.get("segm") or metrics["bbox"])["summary"]["AP"]
+        assert acc.Scalars("eval/AP")[-1].value == pytest.approx(100 * ap, rel=1e-6)
+
+
 @pytest.mark.slow
 def test_ray_local_gives_the_same_rows(swept, tiny_store, grid_file, tmp_path):
     pytest.importorskip("ray")

@@ -12,8 +12,6 @@ in the evaluated images (LVIS's -1) is left empty.
 from __future__ import annotations
 
 import csv
-import importlib
-import importlib.util
 import io
 import statistics
 from dataclasses import dataclass
@@ -21,7 +19,9 @@ from pathlib import Path
 
 from heads.checkpointing import write_atomic
 from heads.sweep.identity import canonical_json
+from heads.sweep.plots import write_plots
 from heads.sweep.results import SweepRecord, TrialResult, read_results, read_sweep_record
+from heads.sweep.tensorboard import write_sweep_events
 
 SEED_FIELD = "run.seed"
 BOX_AP = "box AP"
@@ -163,7 +163,7 @@ class Report:
 
 def write_report(out_dir: Path) -> Report:
     """Rebuild ``table.csv`` and ``table.md`` (atomically) from ``out_dir``'s finished trials,
-    then the plots when :mod:`heads.sweep.plots` is installed (``write_plots(sweep_dir)``)."""
+    then the plots (``DIR/plots``) and the TensorBoard runs (``DIR/tensorboard``)."""
     out_dir = Path(out_dir)
     record = read_sweep_record(out_dir)
     results = read_results(out_dir, record)
@@ -171,9 +171,8 @@ def write_report(out_dir: Path) -> Report:
     md = markdown_text(record, rows)
     write_atomic(out_dir / "table.csv", csv_text(record, rows).encode())
     write_atomic(out_dir / "table.md", md.encode())
-    # Plots are an optional module of this package; without it the tables are the whole report.
-    if importlib.util.find_spec("heads.sweep.plots") is not None:
-        importlib.import_module("heads.sweep.plots").write_plots(out_dir)
+    write_plots(out_dir)
+    write_sweep_events(out_dir)  # DIR/tensorboard: one run per trial, `tensorboard --logdir DIR/tensorboard`
     return Report(csv_path=out_dir / "table.csv", md_path=out_dir / "table.md", rows=rows, finished=len(results),
                   total=len(record.trials), markdown=md)
 

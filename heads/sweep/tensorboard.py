@@ -97,6 +97,14 @@ def _final_step(run_dir: Path) -> int | None:
         return None
 
 
+def run_name(label: str, trial_id: str) -> str:
+    """A readable, safe TensorBoard run name: the trial's label (its axis values) with every
+    character outside ``_SAFE_NAME``'s set replaced, plus the id's first 8 hex digits (labels
+    of distinct trials may coincide once sanitised)."""
+    safe = re.sub(r"[^A-Za-z0-9_.=,+-]+", "_", label).strip("_.")[:80]
+    return f"{safe}-{trial_id[:8]}" if safe else trial_id
+
+
 def write_sweep_events(sweep_dir: Path, logdir: Path | None = None) -> list[Path]:
     """One TensorBoard run per finished trial of ``sweep_dir`` (default ``sweep_dir/tensorboard``),
     named by trial id: its head's training curves, the AP of its rule at the final step and,
@@ -111,7 +119,7 @@ def write_sweep_events(sweep_dir: Path, logdir: Path | None = None) -> list[Path
         final = _final_step(run_dir)
         if final is not None and trial.row is not None and final not in {s for s, _ in points}:
             points.append((final, trial.row))
-        written.append(write_trial_events(run_dir, logdir, name=trial.trial_id, ap_points=points))
+        written.append(write_trial_events(run_dir, logdir, name=run_name(trial.label, trial.trial_id), ap_points=points))
     return written
 
 
