@@ -47,6 +47,13 @@ def ctx(tiny_data, tiny_ckpt, tiny_store, head_run, tmp_path) -> dict:
             "file": a_file}
 
 
+def _grid(ctx: dict, axis: str) -> Path:
+    """A sweep grid file in the case's folder: a 2-step base and one ``[[axis]]`` table."""
+    path = ctx["tmp"] / "grid.toml"
+    path.write_text(f"[schedule]\nmax_steps = 2\nmilestones = [1]\n\n[[axis]]\n{axis}\n")
+    return path
+
+
 def _bad_data(ctx: dict, change) -> Path:
     """A copy of the tiny dataset whose train.json's first annotation is changed by ``change``."""
     root = ctx["tmp"] / "bad_data"
@@ -153,6 +160,18 @@ CASES = [
     ("serve_inject_out_exists", "serve",
      lambda c: ["inject", "--ckpt", c["ckpt"], "--head", c["head"], "--out", c["file"]],
      "exists; pass --overwrite", []),
+    ("sweep_unknown_field", "heads",
+     lambda c: ["sweep", "--cache", c["store"], "--grid", _grid(c, 'field = "sampler.nmae"\nvalues = ["rfs"]'),
+                "--out", c["tmp"] / "sw", "--quiet"], "sampler.name", ["sw"]),
+    ("sweep_unknown_value", "heads",
+     lambda c: ["sweep", "--cache", c["store"], "--grid", _grid(c, 'field = "loss.name"\nvalues = ["ce", "hinge"]'),
+                "--out", c["tmp"] / "sw", "--quiet"], "focal", ["sw"]),
+    ("sweep_empty_axis", "heads",
+     lambda c: ["sweep", "--cache", c["store"], "--grid", _grid(c, 'field = "schedule.lr"\nvalues = []'),
+                "--out", c["tmp"] / "sw", "--quiet"], "has no values", ["sw"]),
+    ("sweep_unreachable_ray", "heads",
+     lambda c: ["sweep", "--cache", c["store"], "--grid", _grid(c, 'field = "schedule.lr"\nvalues = [0.01]'),
+                "--out", c["tmp"] / "sw", "--address", "127.0.0.1:1", "--quiet"], "127.0.0.1:1", ["sw"]),
     ("coco_lt_out_exists", "roicache",
      lambda c: ["data", "coco-lt", "--src", c["data"] / "train.json", "--out", c["file"]],
      "exists; pass --overwrite", []),
