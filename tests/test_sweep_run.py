@@ -193,3 +193,21 @@ def test_ray_local_gives_the_same_rows(swept, tiny_store, grid_file, tmp_path):
                         address="local", progress=False)
     one, other = results_of(swept.out_dir), results_of(ray_run.out_dir)
     assert one.keys() == other.keys() and all(one[t]["rows"] == other[t]["rows"] for t in one)
+
+
+def test_dynamics_are_the_calibrated_heads_once_per_head(tiny_store, tmp_path):
+    """Snapshots (eval.snapshots) give calibration dynamics with cal-only (SimCal Fig. 4a), computed
+    once per head and shared by its trials; the last point equals the finished head's cal-only row."""
+    grid = tmp_path / "grid.toml"
+    grid.write_text("[base.schedule]\nmax_steps = 20\nmilestones = [15]\n[base.eval]\nsnapshots = [10, 20]\n\n"
+                    "[[axis]]\nfield = \"combine.T\"\nvalues = [0, 300]\n")
+    out = run_sweep(cache=str(tiny_store), grid=load_grid(grid), out_dir=tmp_path / "out", jobs=1, progress=False).out_dir
+    results = list(results_of(out).values())
+    assert len({r["train_id"] for r in results}) == 1
+    dynamics = [r["diagnostics"]["dynamics"] for r in results]
+    assert dynamics[0] == dynamics[1] and [p["step"] for p in dynamics[0]] == [10, 20]
+    assert all(list(p["rows"]) == ["cal-only"] for p in dynamics[0])
+    direct = evaluate_from_store(cache=str(tiny_store), head=out / "heads" / results[0]["train_id"],
+                                 combinations=(Combination(rule="cal-only"),), out_dir=None, progress=False)
+    assert dynamics[0][-1]["rows"]["cal-only"] == json.loads(json.dumps(direct.rows["cal-only"].to_dict()))
+    assert (out / "heads" / results[0]["train_id"] / "diagnostics.json").is_file()

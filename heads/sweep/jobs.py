@@ -20,12 +20,13 @@ from cache_schema.errors import SchemaError
 from cache_schema.head_init import read_head_weights
 from cache_schema.records import ClassInfo, RoiSet
 from cache_schema.runtime import pick_device
+from heads.checkpointing import write_json_atomic
 from heads.config import config_to_dict
 from heads.evaluation import BinSpec
 from heads.models import level_for_head
 from heads.pipeline import FROM_DETECTOR, evaluate_from_store, head_meta
 from heads.sources import InMemoryRoiSource
-from heads.sweep.diagnostics import snapshot_dynamics, trial_diagnostics
+from heads.sweep.diagnostics import CAL_ONLY, snapshot_dynamics, trial_diagnostics
 from heads.sweep.grid import Trial
 from heads.sweep.identity import check_id
 from heads.sweep.results import TrialResult
@@ -33,6 +34,7 @@ from heads.train import snapshot_paths, train_head
 
 #: ``train_head`` writes it last: its presence marks a finished head.
 HEAD_DONE = "metrics.json"
+DIAGNOSTICS = "diagnostics.json"  # per head, shared by its trials (head_diagnostics)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,6 +160,28 @@ class ScoreJob:
         check_id("train id", self.train_id)
 
 
+def head_diagnostics(job: ScoreJob, *, device: str) -> dict:
+    """What heads.sweep.plots draws besides the AP rows, for the trial's *head* (shared by every
+    trial of it, so computed once and kept in ``head_dir/diagnostics.json``): per-class classifier
+    norms and mean val scores, and — when the run kept snapshots (``eval.snapshots``) — the AP of
+    each snapshot with the calibrated head alone (``cal-only``: SimCal Fig. 4a's calibration
+    dynamics; a dual-head rule would hide them behind the original head's rows)."""
+    path = job.head_dir / DIAGNOSTICS
+    settings = {"bins": job.bins, "evaluator": job.evaluator}
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("settings") == settings:
+            return kept["diagnostics"]
+    diagnostics = trial_diagnostics(open_store(job.cache), job.head_dir, device=device)
+    if snapshot_paths(job.head_dir):
+        diagnostics["dynamics"] = snapshot_dynamics(cache=job.cache, run_dir=job.head_dir, combination=CAL_ONLY,
+                                                    bins=BinSpec.preset(job.bins), evaluator=job.evaluator,
+                                                    device=device)
+    # Two trials of one head may race here: both compute the same values, the atomic write keeps one.
+    write_json_atomic(path, {"settings": settings, "diagnostics": diagnostics})
+    return diagnostics
+
+
 def score_job(job: ScoreJob) -> TrialResult:
     """Cached evaluation of the finished head in ``job.head_dir`` (rows ``orig`` and the trial's
     rule, the trial's combination settings) plus the diagnostics the plots read."""
@@ -169,13 +193,7 @@ def score_job(job: ScoreJob) -> TrialResult:
                                   bins=BinSpec.preset(job.bins), device=device, progress=False,
                                   evaluator=job.evaluator)
     trained = json.loads((job.head_dir / HEAD_DONE).read_text())
-    # What heads.sweep.plots draws besides the AP rows: per-class norms and scores of the head,
-    # and the AP of each snapshot the run kept (eval.snapshots) under the trial's combination.
-    diagnostics = trial_diagnostics(open_store(job.cache), job.head_dir, device=device)
-    if snapshot_paths(job.head_dir):
-        diagnostics["dynamics"] = snapshot_dynamics(cache=job.cache, run_dir=job.head_dir, combination=config.combine,
-                                                    bins=BinSpec.preset(job.bins), evaluator=job.evaluator,
-                                                    device=device)
+    diagnostics = head_diagnostics(job, device=device)
     return TrialResult(trial_id=job.trial_id, train_id=job.train_id, config=config_to_dict(config),
                        values=job.trial.value_dict(), label=job.trial.label, store=job.fingerprint,
                        rule=config.combine.rule, rows={rule: m.to_dict() for rule, m in outcome.rows.items()},

@@ -326,15 +326,16 @@ def _per_head(trials: list[TrialRecord], key: str) -> dict[str, np.ndarray]:
 
 
 def _dynamics(trials: list[TrialRecord]) -> dict[str, list[tuple[int, dict]]]:
-    """head label -> ``[(step, metrics)]`` from ``diagnostics.dynamics`` (the trial's rule's row
-    when present, else ``cal-only``, else the first), once per trained head."""
+    """head label -> ``[(step, metrics)]`` from ``diagnostics.dynamics`` (the ``cal-only`` row —
+    the calibrated head alone, SimCal Fig. 4a — when present, else the trial's rule's, else the
+    first), once per trained head."""
     out: dict[str, list[tuple[int, dict]]] = {}
     seen = set()
     for t in trials:
         points = []
         for point in t.diagnostics.get("dynamics") or []:
             rows = point.get("rows") or {}
-            row = rows.get(t.rule) or rows.get("cal-only") or next(iter(rows.values()), None)
+            row = rows.get("cal-only") or rows.get(t.rule) or next(iter(rows.values()), None)
             if row is not None and isinstance(point.get("step"), int):
                 points.append((point["step"], row))
         if points and t.train_id not in seen:
