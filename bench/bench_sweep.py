@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--head", default="lastfc")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--also-jobs-1", action="store_true", help="also time the sweep with one worker")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=C.BENCH_OUT / "bench_sweep.md")
     args = ap.parse_args()
@@ -160,11 +161,16 @@ def main() -> None:
     load1 = os.getloadavg()[0]
     q_wall, q_peak, q_ap = run_single(work, args.store, args.head, steps)
     load2 = os.getloadavg()[0]
-    one_wall, one_peak, _ = run_sweep(work, args.store, args.head, steps, 1)
     same = s_ap.keys() == q_ap.keys() and max(abs(s_ap[k] - q_ap[k]) for k in s_ap) < 1e-9
     rows = [[f"heads sweep --jobs {args.jobs}", C.fmt_s(s_wall), f"{s_peak:,.0f}"],
-            ["heads sweep --jobs 1", C.fmt_s(one_wall), f"{one_peak:,.0f}"],
             ["16 x (heads train + heads eval), sequential", C.fmt_s(q_wall), f"{q_peak:,.0f} (largest single command)"]]
+    lines = [f"- sequential / sweep --jobs {args.jobs} wall time: **{q_wall / s_wall:.2f}x**",
+             f"- peak memory, sweep --jobs {args.jobs} / one single run: **{s_peak / q_peak:.2f}**"]
+    if args.also_jobs_1:
+        one_wall, one_peak, _ = run_sweep(work, args.store, args.head, steps, 1)
+        rows.insert(1, ["heads sweep --jobs 1", C.fmt_s(one_wall), f"{one_peak:,.0f}"])
+        lines += [f"- sequential / sweep --jobs 1 wall time: {q_wall / one_wall:.2f}x; peak memory --jobs 1 / one "
+                  f"single run: {one_peak / q_peak:.2f}"]
     text = "\n".join([
         C.header("heads sweep vs 16 sequential single runs", extra={
             "what": f"16 heads ({' x '.join(map(str, (len(SAMPLERS), len(LOSSES), len(SEEDS))))}: samplers x losses x seeds), "
@@ -173,10 +179,7 @@ def main() -> None:
         "",
         C.table(["mode", "wall", "peak PSS of the process tree (MiB)"], rows),
         "",
-        f"- sequential / sweep --jobs {args.jobs} wall time: **{q_wall / s_wall:.2f}x**; "
-        f"sweep --jobs 1: {q_wall / one_wall:.2f}x",
-        f"- peak memory, sweep --jobs {args.jobs} / one single run: **{s_peak / q_peak:.2f}** "
-        f"(--jobs 1: {one_peak / q_peak:.2f})",
+        *lines,
         f"- same sel AP for all 16 trials both ways: {same} "
         f"(median AP {100 * statistics.median(s_ap.values()):.2f})",
         f"- load average (1 min) before each mode: {load0:.2f}, {load1:.2f}, {load2:.2f}",
