@@ -216,6 +216,7 @@ class TrialRecord:
     axes: dict
     rows: dict
     diagnostics: dict = field(default_factory=dict)
+    head: str = ""
 
     @property
     def row(self) -> dict | None:
@@ -251,7 +252,8 @@ def read_trial(data: dict, *, name: str) -> TrialRecord | None:
     rest = tuple(sorted((k, json.dumps(v)) for k, v in combine.items() if k not in ("rule", "T")))
     return TrialRecord(trial_id=trial_id, train_id=str(data.get("train_id") or trial_id), label=str(label),
                        rule=str(rule), T=_float(combine.get("T")), combine=rest, axes=axes, rows=rows,
-                       diagnostics=dict(data.get("diagnostics") or {}))
+                       diagnostics=dict(data.get("diagnostics") or {}),
+                       head=str(((data.get("config") or {}).get("head") or {}).get("name") or ""))
 
 
 def read_trials(sweep_dir: Path) -> list[TrialRecord]:
@@ -367,7 +369,9 @@ def write_plots(sweep_dir: Path) -> list[Path]:
         written.append(plot_dynamics(dynamics, out_dir / "dynamics.png"))
     counts = next((t.diagnostics["instance_count"] for t in trials if t.diagnostics.get("instance_count")), None)
     for key, plot in (("weight_norms", plot_weight_norms), ("mean_scores", plot_mean_scores)):
-        values = _per_head(trials, key)
+        # An ncm head's "norm" is its class mean's, on another scale (and cosine ncm ignores it):
+        # drawn with the trained classifiers' rows it would flatten them, so it is left out there.
+        values = _per_head([t for t in trials if key != "weight_norms" or t.head != "ncm"], key)
         if values and counts is not None:
             written.append(plot(values, np.asarray(counts), out_dir / f"{key}.png"))
     return written
