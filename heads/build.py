@@ -13,7 +13,7 @@ from torch import nn
 from cache_schema.errors import ConfigError, SchemaError
 from cache_schema.records import ClassInfo
 from heads.config import HeadConfig, LossConfig, SamplerConfig, TrainConfig
-from heads.losses import GumbelOptimised, Gumbel, LOSSES, Focal, Margin, Reweighted
+from heads.losses import GUMBEL_LOSSES, GumbelOptimised, Gumbel, LOSSES, Focal, Margin, Reweighted
 from heads.models import HEADS, HeadSpec, NCMHead, build_head, classifier_of
 from heads.samplers import (BilevelSampler, ClassBalancedSampler, RandomSampler, RepeatFactorSampler)
 from heads.sources import RoiIndex, RoiSource, check_finite
@@ -99,11 +99,18 @@ def make_head_spec(config: TrainConfig, *, feature_shape: tuple[int, ...], num_c
 
 def build_training_head(spec: HeadSpec, *, cfg: HeadConfig, init_state: dict | None, seed: int, loss) -> nn.Module:
     """Build, initialise, then apply the loss's classifier init where ``cfg.classifier_init`` says:
-    ``auto`` — random-init heads only (detector-init heads keep the detector's classifier);
-    ``loss`` — every head with a classifier; ``detector`` — never."""
+    ``auto`` — random-init heads, and detector-init heads trained with a Gumbel-type loss;
+    ``loss`` — every head with a classifier; ``detector`` — never.
+
+    Why Gumbel under ``auto``: the detector's classifier was trained for softmax, whose logits
+    are only meaningful relative to each other; read as Gumbel activations, η(q) = exp(−exp(−q)),
+    they put most classes near 1 at once, and the per-class binary losses summed over C classes
+    then stall (measured on the demo store: 3fc_ft + gumbel from the detector's classifier ended
+    at 0.0 AP; with GOL's init W = 0.001, b = −log log(C+1) it trains)."""
     head = build_head(spec, init_state=init_state, seed=seed)
     cls = classifier_of(head)
-    wants = cfg.classifier_init == "loss" or (cfg.classifier_init == "auto" and spec.name not in DETECTOR_INIT_HEADS)
+    fresh = spec.name not in DETECTOR_INIT_HEADS or spec.loss in GUMBEL_LOSSES
+    wants = cfg.classifier_init == "loss" or (cfg.classifier_init == "auto" and fresh)
     if cls is not None and wants:
         loss.init_classifier(cls, spec.num_classes)
     return head

@@ -137,3 +137,31 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
         load_head(tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_head(tmp_path / "missing.pt")
+
+
+
+@pytest.mark.parametrize("name", ["3fc_ft", "last2fc", "lastfc"])
+@pytest.mark.parametrize("loss, init, fresh", [("ce", "auto", False), ("gumbel", "auto", True), ("gol", "auto", True),
+                                               ("gumbel", "detector", False), ("ce", "loss", False)])
+def test_auto_classifier_init_gives_gumbel_losses_a_gumbel_classifier(name, loss, init, fresh):
+    """Detector-init heads keep the detector's softmax classifier under a softmax loss; under a
+    Gumbel-type loss ``auto`` re-initialises it as GOL does (W = 0.001, b = -log log(C+1)), since
+    softmax logits read as Gumbel activations stall training. ``ce`` has no init of its own."""
+    from heads.build import build_loss, build_training_head
+    from heads.config import HeadConfig, LossConfig
+    from heads.models import classifier_of
+    from tests.test_train_heads_support import make_class_info
+
+    state = detector_state(in_features=IN, hidden=HID, num_classes=C)
+    shape = {"pooled": (CF, 3, 3), "fc": (HID,)}[level_for_head(name)]
+    spec = _spec(name, loss=loss, in_shape=shape, hidden=0 if name == "lastfc" else HID)
+    loss_fn = build_loss(LossConfig(name=loss), num_train_images=10,
+                         class_info=make_class_info(image_classes=[{c} for c in range(C)] * 2, num_classes=C))
+    head = build_training_head(spec, cfg=HeadConfig(name=name, classifier_init=init), init_state=state, seed=0,
+                               loss=loss_fn)
+    cls = classifier_of(head)
+    if fresh:
+        assert torch.all(cls.weight == 0.001)
+        torch.testing.assert_close(cls.bias, torch.full((C + 1,), -math.log(math.log(C + 1))))
+    else:
+        torch.testing.assert_close(cls.weight, state["cls.weight"])
