@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cache_schema.errors import ConfigError
 from heads.config import config_from_dict, config_to_dict
 from heads.sources import InMemoryRoiSource
-from heads.sweep.tensorboard import write_sweep_events, write_trial_events
+from heads.sweep.tensorboard import run_name, write_sweep_events, write_trial_events
 from heads.train import train_head
 from tests.test_sweep_plots import metrics
 from tests.test_train_heads_support import detector_state, make_world
@@ -84,7 +84,8 @@ def test_sweep_events_one_run_per_trial(run_dir, tmp_path):
     (sweep / "results").mkdir()
     (sweep / "results" / f"{trial_id}.json").write_text(json.dumps(result))
     written = write_sweep_events(sweep)
-    assert written == [sweep / "tensorboard" / trial_id]
+    assert written == [sweep / "tensorboard" / run_name("combine.T=300", trial_id)]  # label + short id
+    assert written[0].name == "combine.T=300-bbbbbbbb"
     got = scalars(written[0])
     assert got["eval/AP"] == [(10, pytest.approx(20.0)), (20, pytest.approx(25.0))]  # snapshot, then final
     assert [s for s, _ in got["train/loss"]] == [5, 10, 15, 20]

@@ -107,8 +107,10 @@ def run_name(label: str, trial_id: str) -> str:
 
 def write_sweep_events(sweep_dir: Path, logdir: Path | None = None) -> list[Path]:
     """One TensorBoard run per finished trial of ``sweep_dir`` (default ``sweep_dir/tensorboard``),
-    named by trial id: its head's training curves, the AP of its rule at the final step and,
-    with ``diagnostics.dynamics``, at each snapshot step."""
+    named by :func:`run_name`: its head's training curves, the AP of its rule at the final step and,
+    where ``diagnostics.dynamics`` scored the snapshots with that same rule, at each snapshot step
+    (the sweep scores snapshots with ``cal-only``, so only cal-only trials get them here; the
+    dynamics plot draws them for every head)."""
     sweep_dir = Path(sweep_dir)
     logdir = Path(logdir) if logdir is not None else sweep_dir / "tensorboard"
     written = []
