@@ -69,7 +69,8 @@ def head_meta(store: Store, level: str) -> dict:
             "instance_count": [int(v) for v in store.classes.instance_count]}
 
 
-def _available_memory_bytes() -> int:
+def available_memory_bytes() -> int:
+    """``MemAvailable`` of /proc/meminfo in bytes (8 GiB where it cannot be read)."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
@@ -88,7 +89,7 @@ def choose_source(store: Store, level: str, *, stream: str) -> InMemoryRoiSource
         raise ConfigError(f"--stream {stream!r} is not one of auto, always, never")
     split = store.split("train")
     c = store.meta.num_classes
-    fits = split.nbytes(level) < _available_memory_bytes() // 2
+    fits = split.nbytes(level) < available_memory_bytes() // 2
     if stream == "always" or (stream == "auto" and not fits):
         return StreamingRoiSource.from_split(split, level=level, num_classes=c)
     return InMemoryRoiSource(roiset=split.load(level=level), num_classes=c)

@@ -33,7 +33,7 @@ from cache_schema.errors import ConfigError, SchemaError
 from cache_schema.head_init import read_head_weights
 from cache_schema.runtime import available_cores, check_output
 from heads.models import level_for_head
-from heads.pipeline import FROM_DETECTOR, val_ground_truth
+from heads.pipeline import FROM_DETECTOR, available_memory_bytes, val_ground_truth
 from heads.sweep.backends import Backend, ProcessBackend, RayBackend
 from heads.sweep.grid import SweepGrid
 from heads.sweep.identity import store_fingerprint, train_id, trial_id
@@ -48,18 +48,6 @@ from heads.sweep.tables import Report, write_report
 #: worker's own pages training 2fc_rand on 256x7x7 features). The val RoIs each evaluation loads
 #: come on top.
 WORKER_BYTES = 1 << 30
-
-
-def _available_memory_bytes() -> int:
-    """``MemAvailable`` of /proc/meminfo (8 GiB where it cannot be read)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return 8 << 30
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,7 +136,7 @@ def default_jobs(*, tasks: int, shared_bytes: int, eval_bytes: int) -> int:
     """Workers: the cores this process may use, at most one per task, and only as many as the
     free memory holds besides the shared features (:data:`WORKER_BYTES` plus one evaluation's
     val RoIs, ``eval_bytes``, each)."""
-    by_memory = (_available_memory_bytes() - shared_bytes) // (WORKER_BYTES + eval_bytes)
+    by_memory = (available_memory_bytes() - shared_bytes) // (WORKER_BYTES + eval_bytes)
     return max(1, min(available_cores(), tasks, by_memory))
 
 
