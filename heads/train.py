@@ -131,19 +131,29 @@ def snapshot_paths(run_dir: str | Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records written after the checkpoint a run resumes from (they will be redone),
-    and a last line cut short by a crash."""
-    if not path.exists():
-        return
-    kept = []
+def log_lines(path: Path) -> list[tuple[str, dict]]:
+    """``(line, record)`` of each readable record of a run's ``log.jsonl``, in file order; a last
+    line cut short by a crash (or any line that is not a JSON object) is skipped. Empty when the
+    file does not exist."""
+    if not path.is_file():
+        return []
+    out = []
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record.get("step", 0) <= step:
-            kept.append(line)
+        if isinstance(record, dict):
+            out.append((line, record))
+    return out
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records written after the checkpoint a run resumes from (they will be redone),
+    and a last line cut short by a crash."""
+    if not path.exists():
+        return
+    kept = [line for line, record in log_lines(path) if record.get("step", 0) <= step]
     write_atomic(path, ("\n".join(kept) + ("\n" if kept else "")).encode())
 
 

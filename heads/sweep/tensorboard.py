@@ -18,6 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from cache_schema.errors import ConfigError
 from heads.sweep.plots import ap_percent, bin_names, read_trials
+from heads.train import log_lines
 
 TRAIN_KEYS = ("loss", "lr", "rois_per_step")
 _EVENT_GLOB = "events.out.tfevents.*"
@@ -27,16 +28,7 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=,+-]*$")
 def read_log(path: Path) -> list[dict]:
     """The step records of a run's ``log.jsonl`` (event records such as ``fasa_adapt`` and a
     line cut short by a crash are skipped), by increasing step."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and "event" not in record:
-            records.append(record)
+    records = [r for _, r in log_lines(path) if isinstance(r.get("step"), int) and "event" not in r]
     return sorted(records, key=lambda r: r["step"])
 
 
