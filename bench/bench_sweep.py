@@ -5,15 +5,18 @@
 The grid: 16 distinct heads (4 samplers x 2 losses x 2 seeds), each scored with the rows a
 sweep trial gets (``orig`` and ``sel``). Two ways to get the same 16 results, run side by side:
 
-- ``sweep``: one ``heads sweep --jobs 2`` process (train RoIs loaded once, shared by the workers);
+- ``sweep``: one ``heads sweep --jobs 2`` process (train RoIs and the val inputs of cached
+  evaluation loaded once by the parent, shared by the workers; the ``orig`` row scored once);
 - ``single``: for each trial, ``heads train --no-eval`` then ``heads eval --combine orig,sel`` —
   what a user without the sweep command runs, each process opening the store itself.
 
 Memory is the proportional set size (PSS: a page shared by k processes counts 1/k in each) summed
 over the command's whole process tree, sampled every 0.2 s; its peak is what the machine had to
 hold. For ``single`` the figure is the largest peak of one run (they run one after another), which
-is the "one run" the sweep's peak is compared with. Also checked: both ways give the same AP
-for every trial.
+is the "one run" the sweep's peak is compared with. Also reported: the PSS of each process of
+the sweep at its peak, and of a bare interpreter importing what a worker imports (torch and the
+project: what every extra worker costs whatever is shared). Also checked: both ways give the same
+AP for every trial.
 """
 
 from __future__ import annotations
@@ -66,6 +69,11 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+#: The largest sample of the last :func:`run_measured`: PSS in MiB of the command's own process,
+#: then of each descendant (largest first): where the peak sits (parent vs workers).
+LAST_PEAK_PARTS: list[float] = []
+
+
 def run_measured(cmd: list[str]) -> tuple[float, float]:
     """Run ``cmd``; returns (wall seconds, peak PSS of its process tree in MiB)."""
     peak, stop = [0], threading.Event()
@@ -74,7 +82,10 @@ def run_measured(cmd: list[str]) -> tuple[float, float]:
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], sum(_pss_kib(p) for p in _tree(proc.pid)))
+            parts = [_pss_kib(p) for p in _tree(proc.pid)]
+            if sum(parts) > peak[0]:
+                peak[0] = sum(parts)
+                LAST_PEAK_PARTS[:] = [parts[0] / 1024] + sorted((v / 1024 for v in parts[1:]), reverse=True)
             stop.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -97,6 +108,17 @@ def _base(head: str, steps: int) -> str:
 def _ap(metrics: dict) -> float:
     """Mask AP of a metrics dict (box AP when the store keeps no masks)."""
     return (metrics.get("segm") or metrics["bbox"])["summary"]["AP"]
+
+
+def interpreter_pss() -> float:
+    """Peak PSS (MiB) of a process that only imports what a sweep worker imports: the part of
+    each worker that no sharing removes (its interpreter, torch and the project's modules)."""
+    return run_measured([str(C.REPO / ".venv/bin/python"), "-c",
+                         "import time, heads.sweep.jobs, heads.pipeline; time.sleep(3)"])[1]
+
+
+def _parts(parts: list[float]) -> str:
+    return f"parent {parts[0]:,.0f}, then {', '.join(f'{v:,.0f}' for v in parts[1:] if v >= 1) or 'none'}"
 
 
 def write_grid(work: Path, head: str, steps: int) -> Path:
@@ -158,19 +180,26 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()[0]
     s_wall, s_peak, s_ap = run_sweep(work, args.store, args.head, steps, args.jobs)
+    s_parts = list(LAST_PEAK_PARTS)
     load1 = os.getloadavg()[0]
     q_wall, q_peak, q_ap = run_single(work, args.store, args.head, steps)
     load2 = os.getloadavg()[0]
     same = s_ap.keys() == q_ap.keys() and max(abs(s_ap[k] - q_ap[k]) for k in s_ap) < 1e-9
     rows = [[f"heads sweep --jobs {args.jobs}", C.fmt_s(s_wall), f"{s_peak:,.0f}"],
             ["16 x (heads train + heads eval), sequential", C.fmt_s(q_wall), f"{q_peak:,.0f} (largest single command)"]]
+    base = interpreter_pss()
     lines = [f"- sequential / sweep --jobs {args.jobs} wall time: **{q_wall / s_wall:.2f}x**",
-             f"- peak memory, sweep --jobs {args.jobs} / one single run: **{s_peak / q_peak:.2f}**"]
+             f"- peak memory, sweep --jobs {args.jobs} / one single run: **{s_peak / q_peak:.2f}**",
+             f"- sweep --jobs {args.jobs} at its peak, PSS per process (MiB): {_parts(s_parts)}",
+             f"- a bare interpreter that imports what a worker imports (torch, heads): {base:,.0f} MiB PSS; "
+             f"the sweep's {len(s_parts) - 1} child processes hold at least that each"]
     if args.also_jobs_1:
-        one_wall, one_peak, _ = run_sweep(work, args.store, args.head, steps, 1)
+        one_wall, one_peak, one_ap = run_sweep(work, args.store, args.head, steps, 1)
         rows.insert(1, ["heads sweep --jobs 1", C.fmt_s(one_wall), f"{one_peak:,.0f}"])
         lines += [f"- sequential / sweep --jobs 1 wall time: {q_wall / one_wall:.2f}x; peak memory --jobs 1 / one "
-                  f"single run: {one_peak / q_peak:.2f}"]
+                  f"single run: {one_peak / q_peak:.2f}; --jobs {args.jobs} / --jobs 1: {s_peak / one_peak:.2f}",
+                  f"- sweep --jobs 1 at its peak, PSS per process (MiB): {_parts(LAST_PEAK_PARTS)}",
+                  f"- same sel AP for all 16 trials with --jobs 1 and --jobs {args.jobs}: {one_ap == s_ap}"]
     text = "\n".join([
         C.header("heads sweep vs 16 sequential single runs", extra={
             "what": f"16 heads ({' x '.join(map(str, (len(SAMPLERS), len(LOSSES), len(SEEDS))))}: samplers x losses x seeds), "

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from cache_schema import Store, open_store
-from cache_schema.errors import CheckpointError, ConfigError, SchemaError
+from cache_schema.errors import ConfigError, SchemaError
 from cache_schema.head_init import read_box_regression, read_head_weights
 from cache_schema.postprocess import Postprocess
 from cache_schema.records import RoiSet
@@ -27,7 +27,9 @@ from heads.evaluation import (BinSpec, LvisEvaluator, Metrics, cached_results, d
 from heads.evaluation.fast_inputs import (OverlapsUnavailable, det_arrays, evaluate_fast, gt_arrays, gt_arrays_from_store,
                                           store_slots)
 from heads.evaluation.fast_lvis import GtArrays
-from heads.models import head_scores, level_for_head, load_head
+from heads.evaluation.inputs import EvalInputs, SharedGt
+from heads.evaluation.scoring import LoadedHead, head_level, load_head_matching, score_rois
+from heads.models import level_for_head, load_head
 from heads.sources import InMemoryRoiSource, StreamingRoiSource
 from heads.train import TrainResult, train_head
 
@@ -114,44 +116,10 @@ def train_from_store(*, cache: str, config: TrainConfig, out_dir: Path, stream: 
                       init_from=store.meta.detector.checkpoint_sha256, meta=head_meta(store, level))
 
 
-@dataclass(frozen=True, kw_only=True)
-class LoadedHead:
-    head: torch.nn.Module
-    spec: object
-    meta: dict
-    path: Path
-
-
 def load_head_for(store: Store, head_path: Path) -> LoadedHead:
     """Load ``head_path`` (a run directory or ``head.pt``) and refuse it unless it was trained on
     a store of the same detector and classes."""
-    path = Path(head_path)
-    path = path / "head.pt" if path.is_dir() else path
-    head, spec, meta = load_head(path)
-    trained_for = (meta or {}).get("store") or {}
-    mine = store_identity(store)
-    for key in ("detector_sha256", "category_ids"):
-        if trained_for.get(key) != mine[key]:
-            raise CheckpointError(
-                f"head {path} was trained for another {key.split('_')[0]} than store {store.path} "
-                f"({key} differs); train a head on this store with `heads train --cache {store.path}`"
-            )
-    return LoadedHead(head=head, spec=spec, meta=meta, path=path)
-
-
-@torch.inference_mode()
-def score_rois(loaded: LoadedHead, features: torch.Tensor, *, device: torch.device,
-               batch: int | None = None) -> torch.Tensor:
-    """Class probabilities ``[N, C+1]`` float32 (background last) of ``features`` under the head.
-
-    ``batch`` rows at a time (default 1024 on CPU, where a float16 batch converted to float32 then
-    stays in cache: 1.4x faster than 8192 rows, same values; 8192 elsewhere).
-    """
-    batch = batch or (1024 if device.type == "cpu" else 8192)
-    head = loaded.head.to(device).eval()
-    out = [head_scores(loaded.spec, head(features[i:i + batch].to(device).float())).cpu()
-           for i in range(0, features.shape[0], batch)]
-    return torch.cat(out) if out else torch.zeros(0, loaded.spec.num_classes + 1)
+    return load_head_matching(head_path, identity=store_identity(store), store_path=store.path)
 
 
 def val_split_for_eval(store: Store, level: str | None, *, overlaps: bool = False, class_boxes: bool = False) -> RoiSet:
@@ -181,14 +149,6 @@ def require_finite(roiset: RoiSet, *, store: Store, split: str, level: str | Non
             raise SchemaError(f"store {store.path}: {split}/{name} holds NaN/Inf in {len(rows)} RoIs of split images "
                               f"{images[:5]}{' …' if len(images) > 5 else ''}; run `roicache cache validate` and "
                               "re-extract those images")
-
-
-def box_features_for_eval(store: Store, val: RoiSet, level: str | None) -> torch.Tensor:
-    """float16 ``[N, D]`` :data:`BOX_LEVEL` features of ``val``'s rows (the class-specific box
-    regressor's input): ``val.features`` when ``level`` is that level, else read for its images."""
-    if level == BOX_LEVEL:
-        return val.features
-    return store.split("val").load(level=BOX_LEVEL, images=val.images.numpy()).features
 
 
 def eval_postprocess(store: Store) -> Postprocess:
@@ -280,8 +240,8 @@ def head_combination(head: Path | None) -> Combination:
     return recorded_combination(load_head(path)[2])
 
 
-def _check_combinations(combinations: tuple[Combination, ...]) -> None:
-    """Rows are keyed by rule: one combination per rule in a call."""
+def _check_combinations(combinations: tuple[Combination, ...], *, has_head: bool) -> None:
+    """Rows are keyed by rule: one combination per rule in a call; rules other than ``orig`` need a head."""
     if not combinations:
         raise ConfigError(f"no combination rule to evaluate; give one or more of {', '.join(RULES)}")
     odd = [c for c in combinations if not isinstance(c, Combination)]
@@ -292,6 +252,43 @@ def _check_combinations(combinations: tuple[Combination, ...]) -> None:
     if twice:
         raise ConfigError(f"combination rule(s) {', '.join(twice)} given twice; rows are keyed by rule, so evaluate "
                           "one setting per rule in a call (or one call per setting)")
+    if not has_head and any(r != "orig" for r in rules):
+        raise ConfigError("combine schemes other than 'orig' need a head: pass --head RUN_DIR")
+
+
+def load_eval_inputs(store: Store, *, levels: tuple[str, ...] = (), evaluator: str = "auto",
+                     annotations: dict[str, Path] | None = None) -> EvalInputs:
+    """Everything :func:`evaluate_with_inputs` reads from ``store``'s val split, for heads that
+    read the feature ``levels`` (none: the original head only; the :data:`BOX_LEVEL` is added for
+    a class-specific box regressor). ``evaluator``, ``annotations``: as :func:`evaluate_from_store`."""
+    if evaluator not in EVALUATORS:
+        raise ConfigError(f"unknown evaluator {evaluator!r}; choose from {', '.join(EVALUATORS)}")
+    if "val" not in store.splits:
+        raise SchemaError(f"store {store.path} has no val split; extract it with --splits train,val")
+    split = store.split("val")
+    gt_json = val_ground_truth(store, annotations, evaluator)
+    reg = read_box_regression(store)
+    if reg is not None and BOX_LEVEL not in split.levels:
+        raise SchemaError(
+            f"store {store.path}: this detector's box regression is class-specific, so cached evaluation decodes each "
+            f"class's box from the val '{BOX_LEVEL}' level, which the store lacks; re-extract with "
+            f"--levels {','.join((BOX_LEVEL, *split.levels))}")
+    image_ids = evaluated_image_ids_of(split)
+    fast_gt, note = _fast_ground_truth(store, gt_json, evaluator, image_ids, class_specific=reg is not None)
+    features = {}
+    # Features before the other columns: their NaN check comes first, as when both were read together.
+    for lv in dict.fromkeys((*levels, *((BOX_LEVEL,) if reg is not None else ()))):
+        rois = split.load(level=lv)
+        require_finite(rois, store=store, split="val", level=lv)
+        features[lv] = rois.features
+    val = val_split_for_eval(store, None, overlaps=fast_gt is not None and split.mask_overlaps > 0,
+                             class_boxes=reg is not None)
+    return EvalInputs(store_path=store.path, store_identity=store_identity(store), evaluator=evaluator, roiset=val,
+                      features=features, class_info=store.classes, position_ids=torch.tensor(split.image_ids),
+                      image_sizes=torch.tensor(split.image_sizes),  # copies: the split's arrays stay its own
+                      evaluated_ids=tuple(image_ids), gt=SharedGt.of(fast_gt) if fast_gt is not None else None,
+                      gt_json=gt_json, evaluator_note=note, notes=_store_notes(store, reg is not None),
+                      postprocess=eval_postprocess(store), box_regression=reg)
 
 
 def evaluate_from_store(*, cache: str, head: Path | None, combinations: tuple[Combination, ...],
@@ -315,63 +312,70 @@ def evaluate_from_store(*, cache: str, head: Path | None, combinations: tuple[Co
     (``cache_schema.head_init.read_box_regression``) gets each (RoI, class) pair's own box,
     decoded from the val ``fc`` level; without val mask logits it is evaluated for box AP only
     (:data:`MASK_NOTE`).
+
+    Reads the val split on each call; to score many heads, load it once with
+    :func:`load_eval_inputs` and call :func:`evaluate_with_inputs` (the same rows).
     """
     if out_dir is not None:
         out_dir = check_output(out_dir, kind="dir", overwrite=overwrite, marker="eval_summary.json")  # before any work
-    _check_combinations(combinations)
-    if evaluator not in EVALUATORS:
-        raise ConfigError(f"unknown evaluator {evaluator!r}; choose from {', '.join(EVALUATORS)}")
-    store = open_store(cache)
+    _check_combinations(combinations, has_head=head is not None)
+    store = open_store(cache)  # (load_eval_inputs checks the evaluator before reading anything)
     loaded = load_head_for(store, head) if head is not None else None
-    if loaded is None and any(c.rule != "orig" for c in combinations):
-        raise ConfigError("combine schemes other than 'orig' need a head: pass --head RUN_DIR")
-    if "val" not in store.splits:
-        raise SchemaError(f"store {store.path} has no val split; extract it with --splits train,val")
-    split = store.split("val")
-    gt_json = val_ground_truth(store, annotations, evaluator)
-    level = loaded.meta.get("level", level_for_head(loaded.spec.name)) if loaded else None
-    reg = read_box_regression(store)
-    if reg is not None and BOX_LEVEL not in split.levels:
-        raise SchemaError(
-            f"store {store.path}: this detector's box regression is class-specific, so cached evaluation decodes each "
-            f"class's box from the val '{BOX_LEVEL}' level, which the store lacks; re-extract with "
-            f"--levels {','.join((BOX_LEVEL, *split.levels))}")
-    image_ids = evaluated_image_ids_of(split)
-    fast_gt, note = _fast_ground_truth(store, gt_json, evaluator, image_ids, class_specific=reg is not None)
-    val_level = level if level is not None or reg is None else BOX_LEVEL  # no head: read fc for the boxes
-    val = val_split_for_eval(store, val_level, overlaps=fast_gt is not None and split.mask_overlaps > 0,
-                             class_boxes=reg is not None)
+    inputs = load_eval_inputs(store, levels=(head_level(loaded),) if loaded else (), evaluator=evaluator,
+                              annotations=annotations)
+    return _evaluate(inputs, loaded, combinations, out_dir=out_dir, bins=bins, device=device, progress=progress)
+
+
+def evaluate_with_inputs(*, inputs: EvalInputs, head: Path | None, combinations: tuple[Combination, ...],
+                         out_dir: Path | None, bins: BinSpec | None = None, device: str | None = None,
+                         progress: bool = True, overwrite: bool = True) -> EvalOutcome:
+    """:func:`evaluate_from_store` on val inputs loaded once (:func:`load_eval_inputs`, with the
+    level ``head`` reads): the same rows, without reading the store; the head is checked against
+    the store identity the inputs recorded."""
+    if out_dir is not None:
+        out_dir = check_output(out_dir, kind="dir", overwrite=overwrite, marker="eval_summary.json")
+    loaded = (load_head_matching(head, identity=inputs.store_identity, store_path=inputs.store_path)
+              if head is not None else None)
+    _check_combinations(combinations, has_head=loaded is not None)
+    return _evaluate(inputs, loaded, combinations, out_dir=out_dir, bins=bins, device=device, progress=progress)
+
+
+def _evaluate(inputs: EvalInputs, loaded: LoadedHead | None, combinations: tuple[Combination, ...], *,
+              out_dir: Path | None, bins: BinSpec | None, device: str | None, progress: bool) -> EvalOutcome:
+    """The rows of ``combinations`` on ``inputs`` (see :func:`evaluate_from_store`)."""
+    val = inputs.rois(head_level(loaded) if loaded else None)
     probs = score_rois(loaded, val.features, device=pick_device(device)) if loaded else None
-    post = eval_postprocess(store)
-    store_notes = _store_notes(store, reg is not None)
-    tables = dict(roiset=val, class_info=store.classes, image_ids=split.image_ids, image_sizes=split.image_sizes)
+    post, reg, fast_gt = inputs.postprocess, inputs.box_regression, inputs.fast_gt
+    tables = dict(roiset=val, class_info=inputs.class_info, image_ids=inputs.position_ids.numpy(),
+                  image_sizes=inputs.image_sizes.numpy())
     args = dict(tables, cal_probs=probs, progress=progress, score_thresh=post.score_thresh,
                 nms_iou=post.nms_iou, min_box_size=post.min_box_size, max_dets=MAX_DETS, box_regression=reg,
-                box_features=box_features_for_eval(store, val, val_level) if reg is not None else None)
+                box_features=inputs.features[BOX_LEVEL] if reg is not None else None)
+    notes = (inputs.evaluator_note, *inputs.notes)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     if fast_gt is not None:
         rows = {c.rule: _evaluate_rule_fast(fast_gt, detect_cached_arrays(combination=c, **args), tables, c.rule, bins,
-                                            (note, *store_notes), out_dir) for c in combinations}
+                                            notes, out_dir) for c in combinations}
     else:
         # Each rule's LVIS evaluation runs in a worker process while the next rule's detections
         # are assembled here. Without val masks a class-specific store is evaluated for boxes only.
-        iou_types = ("bbox",) if MASK_NOTE in store_notes else ("segm", "bbox")
-        with LvisEvaluator(gt_json=gt_json, bins=bins, image_ids=image_ids, iou_types=iou_types,
-                           max_dets=MAX_DETS) as lvis:
+        iou_types = ("bbox",) if MASK_NOTE in inputs.notes else ("segm", "bbox")
+        with LvisEvaluator(gt_json=inputs.gt_json, bins=bins, image_ids=list(inputs.evaluated_ids),
+                           iou_types=iou_types, max_dets=MAX_DETS) as lvis:
             for c in combinations:
                 results = cached_results(dets=detect_cached_arrays(combination=c, **args), **tables)
                 lvis.submit(c.rule, results)
                 if out_dir is not None:
                     write_results(out_dir / f"results_{c.rule}.json", results)
-            rows = {name: replace(m, notes=m.notes + (note, *store_notes)) for name, m in lvis.gather().items()}
+            rows = {name: replace(m, notes=m.notes + notes) for name, m in lvis.gather().items()}
     if out_dir is not None:
         for name, metrics in rows.items():
             write_metrics(out_dir / f"metrics_{name}.json", metrics)
         summary = {"combinations": {c.rule: c.to_dict() for c in combinations},
                    "rows": {name: m.to_dict() for name, m in rows.items()}}
         (out_dir / "eval_summary.json").write_text(json.dumps(summary, indent=1))
-    return EvalOutcome(rows=rows, out_dir=out_dir, notes=store_notes)
+    return EvalOutcome(rows=rows, out_dir=out_dir, notes=inputs.notes)
 
 
 def evaluated_image_ids_of(split) -> list[int]:

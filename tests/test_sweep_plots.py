@@ -202,9 +202,11 @@ def snapshot_run(tiny_store, tmp_path_factory) -> Path:
 def test_trial_diagnostics_and_dynamics_of_a_real_head(tiny_store, snapshot_run):
     from cache_schema import open_store
     from heads.models import load_head
+    from heads.pipeline import load_eval_inputs
 
     store = open_store(str(tiny_store))
-    diag = trial_diagnostics(store, snapshot_run)
+    inputs = load_eval_inputs(store, levels=("fc",))  # lastfc reads fc
+    diag = trial_diagnostics(inputs, snapshot_run)
     c = store.classes.num_classes
     assert set(diag) == {"weight_norms", "mean_scores", "instance_count"}
     assert all(len(v) == c for v in diag.values())
@@ -212,6 +214,6 @@ def test_trial_diagnostics_and_dynamics_of_a_real_head(tiny_store, snapshot_run)
     np.testing.assert_allclose(diag["weight_norms"], classifier_weight_norms(head, spec))
     assert all(v is None or 0.0 <= v <= 1.0 for v in diag["mean_scores"])
     json.dumps(diag, allow_nan=False)  # strict JSON: NaN became null
-    dynamics = snapshot_dynamics(cache=str(tiny_store), run_dir=snapshot_run)
+    dynamics = snapshot_dynamics(inputs=inputs, run_dir=snapshot_run)
     assert [p["step"] for p in dynamics] == [3, 6] and all(set(p["rows"]) == {"cal-only"} for p in dynamics)
     assert all(-1.0 <= p["rows"]["cal-only"]["bbox"]["summary"]["AP"] <= 1.0 for p in dynamics)

@@ -1,12 +1,14 @@
 """``heads sweep`` on the tiny real store (issue 12): trials equal direct evaluation, one head per
 training config, reruns train nothing, a killed sweep resumes, ``--jobs 2`` and Ray give the same
-rows, nothing half-written is reported.
+rows, the ``orig`` row is scored once per run, nothing half-written is reported.
 
-Every sweep here is real (spawned workers, ``train_head``, cached evaluation); heads train 20 steps.
+Every sweep here is real (``train_head``, cached evaluation; spawned workers, but for one sweep
+whose jobs run in this process to count them); heads train 20 steps.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import csv
 import json
 import os
@@ -24,6 +26,7 @@ from heads.cli import app
 from heads.combine import Combination
 from heads.pipeline import evaluate_from_store
 from heads.sweep.grid import load_grid
+from heads.sweep.jobs import orig_job, score_job, train_job
 from heads.sweep.results import read_sweep_record, result_path
 from heads.sweep.runner import run_sweep
 from heads.sweep.tables import write_report
@@ -123,6 +126,53 @@ def test_jobs_2_gives_the_same_rows_as_jobs_1(swept, tiny_store, grid_file, tmp_
     assert one.keys() == other.keys()
     assert all(one[t]["rows"] == other[t]["rows"] for t in one)
     assert table_without_times(two.out_dir) == table_without_times(swept.out_dir)
+
+
+class InlineBackend:
+    """Runs each job at once, in this process, on inputs loaded as the pool's parent loads them;
+    counts the jobs by kind."""
+
+    def __init__(self, store, plan, todo, to_train, jobs) -> None:
+        from heads.models import level_for_head
+        from heads.pipeline import load_eval_inputs
+        from heads.sweep.jobs import load_train_inputs
+
+        levels = tuple(sorted({level_for_head(plan.grid.trials[i].config.head.name) for i in todo}))
+        self.evaluation = load_eval_inputs(store, levels=levels, evaluator=plan.grid.evaluator)
+        self.inputs = load_train_inputs(store, levels, with_init=True, val_from=self.evaluation)
+        self.calls = {"train": 0, "orig": 0, "score": 0}
+
+    def _done(self, kind: str, value) -> cf.Future:
+        self.calls[kind] += 1
+        future = cf.Future()
+        future.set_result(value)
+        return future
+
+    def train(self, job):
+        return self._done("train", train_job(job, self.inputs))
+
+    def orig(self, job):
+        return self._done("orig", orig_job(job, self.evaluation))
+
+    def score(self, job):
+        return self._done("score", score_job(job, self.evaluation))
+
+    def close(self) -> None:
+        pass
+
+
+def test_orig_is_scored_once_per_run_and_every_trial_gets_the_same_rows(swept, tiny_store, grid_file, tmp_path,
+                                                                          monkeypatch):
+    import heads.sweep.runner as runner
+
+    made = []
+    monkeypatch.setattr(runner, "_process_backend", lambda *a: made.append(InlineBackend(*a)) or made[-1])
+    inline = run_sweep(cache=str(tiny_store), grid=load_grid(grid_file), out_dir=tmp_path / "inline", jobs=1,
+                       progress=False)
+    assert made[0].calls == {"train": 2, "orig": 1, "score": 4}
+    one, other = results_of(swept.out_dir), results_of(inline.out_dir)
+    assert one.keys() == other.keys() and all(one[t]["rows"] == other[t]["rows"] for t in one)
+    assert len({json.dumps(r["rows"]["orig"], sort_keys=True) for r in other.values()}) == 1
 
 
 def test_killed_sweep_resumes_and_ends_with_the_same_table(swept, tiny_store, grid_file, tmp_path):

@@ -66,3 +66,25 @@ def test_a_result_without_its_rule_row_is_refused():
     with pytest.raises(SchemaError, match="lack 'orig' or the trial's rule"):
         TrialResult(**{**vars(good), "rows": {"orig": metrics(0.1)}})
     assert TrialResult.from_dict(good.to_dict(), where="x") == good
+
+
+def test_a_combine_rule_axis_is_shown_once_as_the_rule_column():
+    """The rule of each row is the ``rule`` column; a ``combine.rule`` axis would only repeat it."""
+    results = []
+    for i, rule in enumerate(("sel", "avg"), start=1):
+        config = config_from_dict({"combine": {"rule": rule}})
+        results.append(TrialResult(trial_id=f"{i:016x}", train_id=f"{1:016x}", config=config_to_dict(config),
+                                   values={"combine.rule": rule}, label=f"combine.rule={rule}", store={}, rule=rule,
+                                   rows={"orig": metrics(0.01), rule: metrics(0.1 * i)}, train_seconds=1.0,
+                                   steps_per_second=10.0, seed=0))
+    rec = SweepRecord(grid_source="g.toml", grid_text="", cache="store", store={}, fields=("combine.rule",),
+                      bins="lvis", evaluator="auto",
+                      trials=tuple(PlannedTrial(trial_id=r.trial_id, train_id=r.train_id, values=r.values,
+                                                label=r.label) for r in results))
+    rows = build_rows(rec, tuple(results))
+    header, *table = list(csv.reader(io.StringIO(csv_text(rec, rows))))
+    assert header[:2] == ["rule", "n_seeds"] and "combine.rule" not in header
+    assert [(r[0], r[header.index("AP median")]) for r in table] == [("orig", "1.000"), ("sel", "10.000"),
+                                                                       ("avg", "20.000")]
+    md = markdown_text(rec, rows).splitlines()
+    assert md[2].startswith("| rule | n | AP |") and "| avg | 1 | 20.0 |" in md[-1]

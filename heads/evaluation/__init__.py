@@ -2,7 +2,9 @@
 
 Modules: ``compat`` (lvis 0.5.3 fixes), ``metrics`` (BinSpec, Metrics, tables, files),
 ``lvis_eval`` (evaluate_lvis, LvisEvaluator: several result sets in parallel processes), ``detections`` (per-image detections, ``det`` merging), ``masks`` (pasting, RLE),
-``cached`` (evaluate heads from the cache alone), ``class_boxes`` / ``class_select`` (boxes of
+``cached`` (evaluate heads from the cache alone), ``inputs`` (EvalInputs: what cached evaluation
+reads from a store, loaded once and shareable between processes), ``scoring`` (a head checked
+against its store, its class probabilities), ``class_boxes`` / ``class_select`` (boxes of
 detectors whose regression is class-specific, decoded per (RoI, class) on demand).
 """
 
@@ -18,6 +20,7 @@ from heads.evaluation.detections import (
     select_detections,
     to_results,
 )
+from heads.evaluation.inputs import EvalInputs
 from heads.evaluation.masks import encode_masks, paste_and_encode, paste_roi_masks
 from heads.evaluation.lvis_eval import LvisEvaluator, evaluate_lvis, evaluate_lvis_many, load_gt
 from heads.evaluation.metrics import (
@@ -35,6 +38,7 @@ __all__ = [
     "BoxDecoder",
     "ClassBoxes",
     "Detections",
+    "EvalInputs",
     "IouMetrics",
     "LvisEvaluator",
     "Metrics",

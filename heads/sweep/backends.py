@@ -1,4 +1,4 @@
-"""Where a sweep's jobs run: a local spawn pool sharing the parent's train inputs
+"""Where a sweep's jobs run: a local spawn pool sharing the parent's train and evaluation inputs
 (:class:`ProcessBackend`) or Ray tasks (:class:`RayBackend`). Both hand out
 ``concurrent.futures.Future`` objects, so :mod:`heads.sweep.runner` schedules them alike."""
 
@@ -15,15 +15,19 @@ import torch.multiprocessing
 
 from cache_schema.errors import ConfigError
 from cache_schema.runtime import available_cores
-from heads.sweep.jobs import (ScoreJob, TrainInputs, TrainJob, init_pool_worker, score_in_pool, score_in_ray,
-                              train_in_pool, train_in_ray)
+from heads.evaluation import EvalInputs
+from heads.sweep.jobs import (OrigJob, ScoreJob, TrainInputs, TrainJob, init_pool_worker, orig_in_pool, orig_in_ray,
+                              score_in_pool, score_in_ray, train_in_pool, train_in_ray)
 
 
 class Backend(Protocol):
-    """Where jobs run: ``train`` gives a future of :class:`~heads.sweep.jobs.TrainDone`, ``score``
-    one of :class:`~heads.sweep.results.TrialResult`; ``close`` frees the workers."""
+    """Where jobs run: ``train`` gives a future of :class:`~heads.sweep.jobs.TrainDone`, ``orig``
+    one of the ``orig`` row (``Metrics.to_dict()``), ``score`` one of
+    :class:`~heads.sweep.results.TrialResult`; ``close`` frees the workers."""
 
     def train(self, job: TrainJob) -> cf.Future: ...
+
+    def orig(self, job: OrigJob) -> cf.Future: ...
 
     def score(self, job: ScoreJob) -> cf.Future: ...
 
@@ -31,17 +35,22 @@ class Backend(Protocol):
 
 
 class ProcessBackend:
-    """Jobs on a local spawn pool whose workers share the parent's :class:`TrainInputs`."""
+    """Jobs on a local spawn pool whose workers share the parent's :class:`TrainInputs` and
+    :class:`~heads.evaluation.EvalInputs` (both in shared memory: ``share_memory()``)."""
 
-    def __init__(self, *, jobs: int, inputs: TrainInputs | None) -> None:
+    def __init__(self, *, jobs: int, inputs: TrainInputs | None, evaluation: EvalInputs) -> None:
         threads = max(1, available_cores() // jobs)
         # spawn, not fork: a forked child of a process that already ran torch's thread pools can
-        # deadlock; torch's context pickles shared tensors as file descriptors.
+        # deadlock; torch's context pickles shared tensors as file descriptors. Both records go in
+        # one pickle, so a tensor they share (the val features) is sent once.
         self.pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=torch.multiprocessing.get_context("spawn"),
-                                           initializer=init_pool_worker, initargs=(inputs, threads))
+                                           initializer=init_pool_worker, initargs=(inputs, evaluation, threads))
 
     def train(self, job: TrainJob) -> cf.Future:
         return self.pool.submit(train_in_pool, job)
+
+    def orig(self, job: OrigJob) -> cf.Future:
+        return self.pool.submit(orig_in_pool, job)
 
     def score(self, job: ScoreJob) -> cf.Future:
         return self.pool.submit(score_in_pool, job)
@@ -90,10 +99,14 @@ class RayBackend:
                                   "`ray start --head` and pass its address, or use --address local") from None
         self.cache = cache
         self._train = self.ray.remote(num_cpus=1)(train_in_ray)
+        self._orig = self.ray.remote(num_cpus=1)(orig_in_ray)
         self._score = self.ray.remote(num_cpus=1)(score_in_ray)
 
     def train(self, job: TrainJob) -> cf.Future:
         return self._unwrapped(self._train.remote(job, self.cache, 1).future())
+
+    def orig(self, job: OrigJob) -> cf.Future:
+        return self._unwrapped(self._orig.remote(job, 1).future())
 
     def score(self, job: ScoreJob) -> cf.Future:
         return self._unwrapped(self._score.remote(job, 1).future())

@@ -7,6 +7,9 @@
 - :func:`snapshot_dynamics`: cached AP per bin of each head snapshot a run kept
   (``eval.snapshots``, :func:`heads.train.snapshot_paths`): SimCal Fig. 4a.
 
+The val RoIs come from :class:`~heads.evaluation.EvalInputs` (``heads.pipeline.load_eval_inputs``):
+a sweep loads them once and shares them with its workers instead of reading the store per head.
+
 :func:`trial_diagnostics` / :func:`snapshot_dynamics` return plain JSON types (NaN written as
 ``None``): what a sweep result's ``"diagnostics"`` holds and ``write_plots`` reads.
 """
@@ -20,12 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from cache_schema import Store, open_store
 from cache_schema.errors import ConfigError, SchemaError
 from heads.combine import Combination
-from heads.evaluation import BinSpec
-from heads.models import HeadSpec, classifier_of, level_for_head
-from heads.pipeline import evaluate_from_store, load_head_for, score_rois
+from heads.evaluation import BinSpec, EvalInputs
+from heads.evaluation.scoring import LoadedHead, head_level, load_head_matching, score_rois
+from heads.models import HeadSpec, classifier_of
+from heads.pipeline import evaluate_with_inputs
 from heads.train import snapshot_paths
 
 
@@ -78,45 +81,50 @@ def json_floats(values: np.ndarray) -> list[float | None]:
     return [float(v) if math.isfinite(v) else None for v in np.asarray(values, dtype=np.float64).tolist()]
 
 
-def val_class_scores(store: Store, head_path: Path, *, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """``(probs float32 [N, C+1], labels int64 [N])`` of the store's foreground val RoIs under the
-    head at ``head_path`` (a run folder or a head file), at the level the head reads."""
-    if "val" not in store.splits:
-        raise SchemaError(f"store {store.path} has no val split; extract it with --splits train,val")
-    loaded = load_head_for(store, head_path)
-    level = loaded.meta.get("level") or level_for_head(loaded.spec.name)
-    val = store.split("val").load(level=level)
+def val_class_scores(inputs: EvalInputs, head_path: Path, *, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """``(probs float32 [N, C+1], labels int64 [N])`` of the foreground val RoIs of ``inputs``
+    (``heads.pipeline.load_eval_inputs``, with the head's level) under the head at ``head_path``
+    (a run folder or a head file)."""
+    return _class_scores(inputs, _load(inputs, head_path), device=device)
+
+
+def _load(inputs: EvalInputs, head_path: Path) -> LoadedHead:
+    return load_head_matching(head_path, identity=inputs.store_identity, store_path=inputs.store_path)
+
+
+def _class_scores(inputs: EvalInputs, loaded: LoadedHead, *, device: str) -> tuple[np.ndarray, np.ndarray]:
+    val = inputs.rois(head_level(loaded))
     fg = torch.nonzero(val.labels < loaded.spec.num_classes).squeeze(1)
     probs = score_rois(loaded, val.features[fg], device=torch.device(device))
     return probs.numpy(), val.labels[fg].numpy()
 
 
-def trial_diagnostics(store: Store, head_path: Path, *, device: str = "cpu") -> dict:
+def trial_diagnostics(inputs: EvalInputs, head_path: Path, *, device: str = "cpu") -> dict:
     """``{"weight_norms", "mean_scores", "instance_count"}``: three JSON lists of length C (class
     order of the store) — :func:`classifier_weight_norms`, :func:`mean_class_scores` on the val
-    foreground RoIs, and the training instances per class."""
-    loaded = load_head_for(store, head_path)
-    probs, labels = val_class_scores(store, head_path, device=device)
+    foreground RoIs of ``inputs`` (loaded with the head's level), and the training instances per class."""
+    loaded = _load(inputs, head_path)
+    probs, labels = _class_scores(inputs, loaded, device=device)
     c = loaded.spec.num_classes
     return {"weight_norms": json_floats(classifier_weight_norms(loaded.head, loaded.spec)),
             "mean_scores": json_floats(mean_class_scores(probs, labels, c)),
-            "instance_count": [int(v) for v in store.classes.instance_count]}
+            "instance_count": [int(v) for v in inputs.class_info.instance_count]}
 
 
 #: The calibrated head alone: what SimCal Fig. 4a follows during calibration.
 CAL_ONLY = Combination(rule="cal-only")
 
 
-def snapshot_dynamics(*, cache: str, run_dir: Path, combination: Combination = CAL_ONLY,
-                      bins: BinSpec | None = None, evaluator: str = "auto", device: str | None = None) -> list[dict]:
+def snapshot_dynamics(*, inputs: EvalInputs, run_dir: Path, combination: Combination = CAL_ONLY,
+                      bins: BinSpec | None = None, device: str | None = None) -> list[dict]:
     """``[{"step": s, "rows": {rule: Metrics.to_dict()}}]`` by increasing step: cached evaluation
-    of each snapshot in ``run_dir/snapshots`` combined by ``combination`` (default ``cal-only``,
-    the calibrated head alone, as SimCal Fig. 4a). Empty when the run kept no snapshot."""
-    open_store(cache)  # a bad address fails here, before any snapshot is scored
+    (on ``inputs``, loaded with the run's level) of each snapshot in ``run_dir/snapshots``
+    combined by ``combination`` (default ``cal-only``, the calibrated head alone, as SimCal Fig.
+    4a). Empty when the run kept no snapshot."""
     out = []
     for step, path in snapshot_paths(run_dir).items():
-        outcome = evaluate_from_store(cache=cache, head=path, combinations=(combination,), out_dir=None, bins=bins,
-                                      device=device, progress=False, evaluator=evaluator)
+        outcome = evaluate_with_inputs(inputs=inputs, head=path, combinations=(combination,), out_dir=None, bins=bins,
+                                       device=device, progress=False)
         out.append({"step": step, "rows": {rule: m.to_dict() for rule, m in outcome.rows.items()}})
     return out
 

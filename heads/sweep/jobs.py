@@ -1,10 +1,12 @@
-"""What a sweep worker runs: train one head (:func:`train_job`), score one trial (:func:`score_job`).
+"""What a sweep worker runs: train one head (:func:`train_job`), score the original head once per
+sweep (:func:`orig_job`), score one trial (:func:`score_job`).
 
-Both are plain functions of frozen records, so the local process pool and Ray run the same
+All are plain functions of frozen records, so the local process pool and Ray run the same
 code. Training reuses :func:`heads.train.train_head` on an
-:class:`~heads.sources.InMemoryRoiSource` over the :class:`TrainInputs` the caller loaded (the
-process pool loads them once and shares them; a Ray task loads its own); scoring reuses
-:func:`heads.pipeline.evaluate_from_store`, which opens the store itself.
+:class:`~heads.sources.InMemoryRoiSource` over the :class:`TrainInputs` the caller loaded;
+scoring reuses :func:`heads.pipeline.evaluate_with_inputs` on the val
+:class:`~heads.evaluation.EvalInputs` the caller loaded. The process pool loads both once in the
+parent and shares them with its workers; a Ray task loads its own from the store.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from cache_schema.records import ClassInfo, RoiSet
 from cache_schema.runtime import pick_device
 from heads.checkpointing import write_json_atomic
 from heads.config import config_to_dict
-from heads.evaluation import BinSpec
+from heads.combine import Combination
+from heads.evaluation import BinSpec, EvalInputs
 from heads.models import level_for_head
-from heads.pipeline import FROM_DETECTOR, evaluate_from_store, head_meta
+from heads.pipeline import FROM_DETECTOR, evaluate_with_inputs, head_meta, load_eval_inputs
 from heads.sources import InMemoryRoiSource
 from heads.sweep.diagnostics import CAL_ONLY, snapshot_dynamics, trial_diagnostics
 from heads.sweep.grid import Trial
@@ -83,13 +86,18 @@ class TrainInputs:
         return sum(r.features.numel() * r.features.element_size() for r in sets if r.features is not None)
 
 
-def load_train_inputs(store: Store, levels: tuple[str, ...], *, with_init: bool) -> TrainInputs:
-    """Read the train (and val) RoIs of ``levels`` and, with ``with_init``, the detector head."""
+def load_train_inputs(store: Store, levels: tuple[str, ...], *, with_init: bool,
+                      val_from: EvalInputs | None = None) -> TrainInputs:
+    """Read the train (and val) RoIs of ``levels`` and, with ``with_init``, the detector head.
+    ``val_from``: take the val RoIs from these evaluation inputs (their tensors, not a second
+    copy; they must hold ``levels``) instead of reading them."""
     init = {k: torch.from_numpy(v).float() for k, v in read_head_weights(store).items()} if with_init else None
-    has_val = "val" in store.splits
+    if val_from is not None:
+        val = {lv: val_from.monitor_rois(lv) for lv in levels}
+    else:
+        val = {lv: store.split("val").load(level=lv) for lv in levels} if "val" in store.splits else {}
     return TrainInputs(
-        train={lv: store.split("train").load(level=lv) for lv in levels},
-        val={lv: store.split("val").load(level=lv) for lv in levels} if has_val else {},
+        train={lv: store.split("train").load(level=lv) for lv in levels}, val=val,
         init_state=init, class_info=store.classes, head_meta={lv: head_meta(store, lv) for lv in levels},
         detector_sha256=store.meta.detector.checkpoint_sha256)
 
@@ -137,13 +145,36 @@ def head_finished(head_dir: Path) -> bool:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScoreJob:
-    """Score one trial's head by cached evaluation: rows ``orig`` and the trial's rule.
+class OrigJob:
+    """Score the original head alone (row ``orig``): it depends on the store and the evaluation
+    settings only, so a sweep computes it once and hands it to every :class:`ScoreJob`.
 
     Attributes:
-        cache: the store's path or URL (the worker opens it).
+        cache: the store's path or URL (a Ray task opens it).
+        bins, evaluator: the grid's evaluation settings.
+    """
+
+    cache: str
+    bins: str
+    evaluator: str
+
+
+def orig_job(job: OrigJob, inputs: EvalInputs) -> dict:
+    """``Metrics.to_dict()`` of the ``orig`` row on ``inputs``."""
+    outcome = evaluate_with_inputs(inputs=inputs, head=None, combinations=(Combination(rule="orig"),), out_dir=None,
+                                   bins=BinSpec.preset(job.bins), progress=False)
+    return outcome.rows["orig"].to_dict()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreJob:
+    """Score one trial's head by cached evaluation: row ``orig`` (given) and the trial's rule.
+
+    Attributes:
+        cache: the store's path or URL (a Ray task opens it).
         fingerprint: :func:`heads.sweep.identity.store_fingerprint` of it (recorded).
         bins, evaluator: the grid's evaluation settings.
+        orig: the ``orig`` row (:func:`orig_job`) of the same store and settings.
     """
 
     cache: str
@@ -154,13 +185,14 @@ class ScoreJob:
     fingerprint: dict
     bins: str
     evaluator: str
+    orig: dict
 
     def __post_init__(self) -> None:
         check_id("trial id", self.trial_id)
         check_id("train id", self.train_id)
 
 
-def head_diagnostics(job: ScoreJob, *, device: str) -> dict:
+def head_diagnostics(job: ScoreJob, inputs: EvalInputs, *, device: str) -> dict:
     """What heads.sweep.plots draws besides the AP rows, for the trial's *head* (shared by every
     trial of it, so computed once and kept in ``head_dir/diagnostics.json``): per-class classifier
     norms and mean val scores, and — when the run kept snapshots (``eval.snapshots``) — the AP of
@@ -172,44 +204,44 @@ def head_diagnostics(job: ScoreJob, *, device: str) -> dict:
         kept = json.loads(path.read_text())
         if kept.get("settings") == settings:
             return kept["diagnostics"]
-    diagnostics = trial_diagnostics(open_store(job.cache), job.head_dir, device=device)
+    diagnostics = trial_diagnostics(inputs, job.head_dir, device=device)
     if snapshot_paths(job.head_dir):
-        diagnostics["dynamics"] = snapshot_dynamics(cache=job.cache, run_dir=job.head_dir, combination=CAL_ONLY,
-                                                    bins=BinSpec.preset(job.bins), evaluator=job.evaluator,
-                                                    device=device)
+        diagnostics["dynamics"] = snapshot_dynamics(inputs=inputs, run_dir=job.head_dir, combination=CAL_ONLY,
+                                                    bins=BinSpec.preset(job.bins), device=device)
     # Two trials of one head may race here: both compute the same values, the atomic write keeps one.
     write_json_atomic(path, {"settings": settings, "diagnostics": diagnostics})
     return diagnostics
 
 
-def score_job(job: ScoreJob) -> TrialResult:
-    """Cached evaluation of the finished head in ``job.head_dir`` (rows ``orig`` and the trial's
-    rule, the trial's combination settings) plus the diagnostics the plots read."""
+def score_job(job: ScoreJob, inputs: EvalInputs) -> TrialResult:
+    """Cached evaluation on ``inputs`` of the finished head in ``job.head_dir`` (the trial's rule
+    with its combination settings; ``orig`` is ``job.orig``) plus the diagnostics the plots read."""
     config = job.trial.config
-    # `orig` is the reference every row is read against (one row when the trial's rule is orig).
-    combinations = config.combine.per_rule(("orig", config.combine.rule))
     device = str(pick_device(config.run.device))
-    outcome = evaluate_from_store(cache=job.cache, head=job.head_dir, combinations=combinations, out_dir=None,
-                                  bins=BinSpec.preset(job.bins), device=device, progress=False,
-                                  evaluator=job.evaluator)
+    rows = {"orig": job.orig}  # the reference every row is read against (the only row when the rule is orig)
+    if config.combine.rule != "orig":
+        outcome = evaluate_with_inputs(inputs=inputs, head=job.head_dir, combinations=config.combine.per_rule(
+            (config.combine.rule,)), out_dir=None, bins=BinSpec.preset(job.bins), device=device, progress=False)
+        rows.update({rule: m.to_dict() for rule, m in outcome.rows.items()})
     trained = json.loads((job.head_dir / HEAD_DONE).read_text())
-    diagnostics = head_diagnostics(job, device=device)
+    diagnostics = head_diagnostics(job, inputs, device=device)
     return TrialResult(trial_id=job.trial_id, train_id=job.train_id, config=config_to_dict(config),
                        values=job.trial.value_dict(), label=job.trial.label, store=job.fingerprint,
-                       rule=config.combine.rule, rows={rule: m.to_dict() for rule, m in outcome.rows.items()},
-                       train_seconds=trained.get("seconds"), steps_per_second=trained.get("steps_per_second"),
-                       seed=config.run.seed, diagnostics=diagnostics)
+                       rule=config.combine.rule, rows=rows, train_seconds=trained.get("seconds"),
+                       steps_per_second=trained.get("steps_per_second"), seed=config.run.seed, diagnostics=diagnostics)
 
 
 # ----------------------------------------------------------------------------- process pool workers
 _POOL_INPUTS: TrainInputs | None = None
+_POOL_EVAL: EvalInputs | None = None
 
 
-def init_pool_worker(inputs: TrainInputs | None, threads: int) -> None:
-    """Pool initializer: keep the parent's shared inputs (received as file descriptors of shared
-    memory, not copies) and use ``threads`` torch threads (cores / jobs: no oversubscription)."""
-    global _POOL_INPUTS
-    _POOL_INPUTS = inputs
+def init_pool_worker(inputs: TrainInputs | None, evaluation: EvalInputs, threads: int) -> None:
+    """Pool initializer: keep the parent's shared train and evaluation inputs (received as file
+    descriptors of shared memory, not copies) and use ``threads`` torch threads (cores / jobs:
+    no oversubscription)."""
+    global _POOL_INPUTS, _POOL_EVAL
+    _POOL_INPUTS, _POOL_EVAL = inputs, evaluation
     torch.set_num_threads(max(1, threads))
 
 
@@ -219,8 +251,12 @@ def train_in_pool(job: TrainJob) -> TrainDone:
     return train_job(job, _POOL_INPUTS)
 
 
+def orig_in_pool(job: OrigJob) -> dict:
+    return orig_job(job, _POOL_EVAL)
+
+
 def score_in_pool(job: ScoreJob) -> TrialResult:
-    return score_job(job)
+    return score_job(job, _POOL_EVAL)
 
 
 # ----------------------------------------------------------------------------- Ray tasks
@@ -234,10 +270,16 @@ def train_in_ray(job: TrainJob, cache: str, threads: int) -> TrainDone:
     return train_job(job, inputs)
 
 
+def orig_in_ray(job: OrigJob, threads: int) -> dict:
+    torch.set_num_threads(max(1, threads))
+    return orig_job(job, load_eval_inputs(open_store(job.cache), evaluator=job.evaluator))
+
+
 def score_in_ray(job: ScoreJob, threads: int) -> TrialResult:
     torch.set_num_threads(max(1, threads))
-    return score_job(job)
+    level = level_for_head(job.trial.config.head.name)
+    return score_job(job, load_eval_inputs(open_store(job.cache), levels=(level,), evaluator=job.evaluator))
 
 
-__all__ = ["TrainInputs", "TrainJob", "TrainDone", "ScoreJob", "load_train_inputs", "train_job",
-           "score_job", "head_finished", "HEAD_DONE"]
+__all__ = ["TrainInputs", "TrainJob", "TrainDone", "OrigJob", "ScoreJob", "load_train_inputs", "train_job",
+           "orig_job", "score_job", "head_finished", "HEAD_DONE"]

@@ -7,18 +7,22 @@ resumes a killed attempt from its ``last.pt``), and as soon as a head is ready i
 scored, each in its own job. Jobs run (:mod:`heads.sweep.backends`) on
 
 - local processes (default): a ``torch.multiprocessing`` spawn pool of ``jobs`` workers. The
-  parent loads the train (and val) RoIs of the levels the pending heads read once, moves them
-  into shared memory and hands them to each worker through the pool initializer; pickled by
-  torch's reductions they travel as file descriptors of the same pages, so the feature memory
-  does not grow with ``jobs`` (only each worker's own interpreter, head and evaluation scratch
-  do). Each worker runs ``cores // jobs`` torch threads.
+  parent loads once the train RoIs of the levels the pending heads read and everything cached
+  evaluation reads from the val split (:class:`~heads.evaluation.EvalInputs`: val features of
+  those levels, logits, boxes, mask overlaps, ground truth; the training monitor's val RoIs are
+  the same tensors), moves them into shared memory and hands them to each worker through the
+  pool initializer; pickled by torch's reductions they travel as file descriptors of the same
+  pages, so neither the feature nor the evaluation memory grows with ``jobs`` (only each
+  worker's own interpreter, head, training batches and score tables do). Each worker runs
+  ``cores // jobs`` torch threads.
 - a Ray cluster (``address``: ``ray://HOST:PORT``, ``HOST:PORT``, ``auto``, or ``local`` for a
   Ray instance started here): each task opens the store itself from its path or URL, so the
   store and ``DIR`` must be reachable under the same names from every node (a shared file
   system or an object-store URL for the store).
 
-Either way the rows of a trial are the same: training is seeded and counter-based, scoring is
-deterministic.
+The ``orig`` row (the original head alone) does not depend on the trial, so it is scored once per
+run, as the first job, and copied into every trial's result. Either way the rows of a trial are
+the same: training is seeded and counter-based, scoring is deterministic.
 """
 
 from __future__ import annotations
@@ -33,20 +37,20 @@ from cache_schema.errors import ConfigError, SchemaError
 from cache_schema.head_init import read_head_weights
 from cache_schema.runtime import available_cores, check_output
 from heads.models import level_for_head
-from heads.pipeline import FROM_DETECTOR, available_memory_bytes, val_ground_truth
+from heads.pipeline import FROM_DETECTOR, available_memory_bytes, load_eval_inputs, val_ground_truth
 from heads.sweep.backends import Backend, ProcessBackend, RayBackend
 from heads.sweep.grid import SweepGrid
 from heads.sweep.identity import store_fingerprint, train_id, trial_id
-from heads.sweep.jobs import ScoreJob, TrainJob, head_finished, load_train_inputs
+from heads.sweep.jobs import OrigJob, ScoreJob, TrainJob, head_finished, load_train_inputs
 from heads.sweep.progress import SweepProgress
 from heads.sweep.results import (PlannedTrial, SweepRecord, head_dir, read_result, read_sweep_record, sweep_path,
                                  write_result, write_sweep_record)
 from heads.sweep.tables import Report, write_report
 
-#: Memory one worker needs besides the shared features: an interpreter with torch, a head, its
-#: gradients and momentum, training batches and the evaluation's scratch (measured: 0.75 GB of a
-#: worker's own pages training 2fc_rand on 256x7x7 features). The val RoIs each evaluation loads
-#: come on top.
+#: Memory one worker needs besides the shared inputs: an interpreter with torch, a head, its
+#: gradients and momentum, training batches (measured: 0.75 GB of a worker's own pages training
+#: 2fc_rand on 256x7x7 features). An evaluation's score tables come on top
+#: (:attr:`~heads.evaluation.EvalInputs.scratch_bytes`).
 WORKER_BYTES = 1 << 30
 
 
@@ -134,8 +138,8 @@ class SweepOutcome:
 
 def default_jobs(*, tasks: int, shared_bytes: int, eval_bytes: int) -> int:
     """Workers: the cores this process may use, at most one per task, and only as many as the
-    free memory holds besides the shared features (:data:`WORKER_BYTES` plus one evaluation's
-    val RoIs, ``eval_bytes``, each)."""
+    free memory holds besides the shared inputs (:data:`WORKER_BYTES` plus one evaluation's
+    scratch, ``eval_bytes``, each)."""
     by_memory = (available_memory_bytes() - shared_bytes) // (WORKER_BYTES + eval_bytes)
     return max(1, min(available_cores(), tasks, by_memory))
 
@@ -177,18 +181,23 @@ def run_sweep(*, cache: str, grid: SweepGrid, out_dir: Path, jobs: int | None = 
 
 def _process_backend(store: Store, plan: SweepPlan, todo: list[int], to_train: list[str],
                      jobs: int | None) -> ProcessBackend:
-    """The local pool for the pending trials ``todo``: the train inputs of the heads ``to_train``
-    loaded once here and shared, ``jobs`` workers (at most one per pending trial)."""
+    """The local pool for the pending trials ``todo``: the evaluation inputs of their heads' levels
+    and the train inputs of the heads ``to_train``, loaded once here and shared; ``jobs`` workers
+    (at most one per pending trial)."""
     trials = plan.grid.trials
+    levels = tuple(sorted({level_for_head(trials[i].config.head.name) for i in todo}))
+    evaluation = load_eval_inputs(store, levels=levels, evaluator=plan.grid.evaluator).share_memory()
     trial_of = {plan.ids[i].train_id: trials[i] for i in todo}
     heads = [trial_of[h].config.head.name for h in to_train]
     inputs = None
     if to_train:
-        levels = tuple(sorted({level_for_head(h) for h in heads}))
-        inputs = load_train_inputs(store, levels, with_init=any(h in FROM_DETECTOR for h in heads)).share_memory()
-    eval_bytes = max(store.split("val").nbytes(level_for_head(trials[i].config.head.name)) for i in todo)
-    n = jobs or default_jobs(tasks=len(todo), shared_bytes=inputs.nbytes if inputs else 0, eval_bytes=eval_bytes)
-    return ProcessBackend(jobs=min(n, len(todo)), inputs=inputs)
+        inputs = load_train_inputs(store, tuple(sorted({level_for_head(h) for h in heads})),
+                                   with_init=any(h in FROM_DETECTOR for h in heads), val_from=evaluation).share_memory()
+    # The monitor's val features are the evaluation's tensors: count the train features only.
+    train_bytes = sum(r.features.numel() * r.features.element_size() for r in inputs.train.values()) if inputs else 0
+    n = jobs or default_jobs(tasks=len(todo), shared_bytes=train_bytes + evaluation.nbytes,
+                             eval_bytes=evaluation.scratch_bytes)
+    return ProcessBackend(jobs=min(n, len(todo)), inputs=inputs, evaluation=evaluation)
 
 
 def _schedule(plan: SweepPlan, out_dir: Path, backend: Backend, todo: list[int], to_train: list[str],
@@ -200,12 +209,14 @@ def _schedule(plan: SweepPlan, out_dir: Path, backend: Backend, todo: list[int],
     for i in todo:
         waiting.setdefault(plan.ids[i].train_id, []).append(i)
     futures: dict[cf.Future, tuple[str, str | int]] = {}
+    # Submitted first, so it runs before any trial is scored; each score job waits for its row.
+    orig = backend.orig(OrigJob(cache=plan.cache, bins=plan.grid.bins, evaluator=plan.grid.evaluator))
 
     def score(i: int) -> None:
         ids = plan.ids[i]
         job = ScoreJob(cache=plan.cache, trial=trials[i], trial_id=ids.trial_id, train_id=ids.train_id,
                        head_dir=head_dir(out_dir, ids.train_id), fingerprint=plan.fingerprint,
-                       bins=plan.grid.bins, evaluator=plan.grid.evaluator)
+                       bins=plan.grid.bins, evaluator=plan.grid.evaluator, orig=orig.result())
         futures[backend.score(job)] = ("score", i)
 
     try:
@@ -230,7 +241,7 @@ def _schedule(plan: SweepPlan, out_dir: Path, backend: Backend, todo: list[int],
                     write_result(out_dir, value)
                     event(f"finished trial {key} ({trials[key].label})", True)
     finally:  # on an error: drop what has not started (the caller closes the backend)
-        for future in futures:
+        for future in (orig, *futures):
             future.cancel()
 
 

@@ -3,10 +3,10 @@
 One row per configuration: trials whose resolved configs differ only in ``run.seed`` are one
 row, their seeds aggregated (median, mean and sample standard deviation; std 0 for one seed).
 The first row is ``orig``, the original head (the same for every trial of a store). Columns: the
-varied fields (``run.seed`` aside), the combination rule, the number of seeds, AP, the bins
-(AP1-AP4), APr, APc, APf (mask AP when the store keeps val masks, else box AP — as ``heads
-eval``), box AP, and the mean training seconds. Values are percent; a group with no ground truth
-in the evaluated images (LVIS's -1) is left empty.
+varied fields (``run.seed`` aside, and ``combine.rule``, which the rule column shows), the
+combination rule, the number of seeds, AP, the bins (AP1-AP4), APr, APc, APf (mask AP when the
+store keeps val masks, else box AP — as ``heads eval``), box AP, and the mean training seconds.
+Values are percent; a group with no ground truth in the evaluated images (LVIS's -1) is left empty.
 """
 
 from __future__ import annotations
@@ -24,7 +24,15 @@ from heads.sweep.results import SweepRecord, TrialResult, read_results, read_swe
 from heads.sweep.tensorboard import write_sweep_events
 
 SEED_FIELD = "run.seed"
+#: An axis over it would repeat the ``rule`` column (``-`` on the orig row): the column is left out.
+RULE_FIELD = "combine.rule"
 BOX_AP = "box AP"
+
+
+def shown_fields(record: SweepRecord) -> list[str]:
+    """The varied fields that get a column: all but ``run.seed`` (aggregated) and ``combine.rule``
+    (the ``rule`` column)."""
+    return [f for f in record.fields if f not in (SEED_FIELD, RULE_FIELD)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +99,7 @@ def build_rows(record: SweepRecord, results: tuple[TrialResult, ...]) -> tuple[T
         config = {sec: dict(values) for sec, values in r.config.items()}
         config["run"].pop("seed", None)
         groups.setdefault(canonical_json(config), []).append(r)
-    shown = [f for f in record.fields if f != SEED_FIELD]
+    shown = shown_fields(record)
     rows = [_row([results[0]], "orig", {}, names, trained=False)]
     for members in groups.values():
         values = {f: members[0].values.get(f) for f in shown}
@@ -104,7 +112,7 @@ def _num(x: float | None) -> str:
 
 
 def csv_text(record: SweepRecord, rows: tuple[TableRow, ...]) -> str:
-    shown = [f for f in record.fields if f != SEED_FIELD]
+    shown = shown_fields(record)
     names = list(rows[0].stats) if rows else []
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -135,7 +143,7 @@ def _cell(st: Stat | None) -> str:
 
 
 def markdown_text(record: SweepRecord, rows: tuple[TableRow, ...]) -> str:
-    shown = [f for f in record.fields if f != SEED_FIELD]
+    shown = shown_fields(record)
     names = list(rows[0].stats) if rows else []
     header = [*shown, "rule", "n", *names, "train s"]
     caption = (f"Sweep of grid {record.grid_source} on {record.cache}: {len(record.trials)} trials. Cells: median "
@@ -177,4 +185,5 @@ def write_report(out_dir: Path) -> Report:
                   total=len(record.trials), markdown=md)
 
 
-__all__ = ["Stat", "TableRow", "Report", "build_rows", "csv_text", "markdown_text", "write_report", "metric_names"]
+__all__ = ["Stat", "TableRow", "Report", "build_rows", "csv_text", "markdown_text", "write_report", "metric_names",
+           "shown_fields"]
