@@ -41,6 +41,7 @@ from cache_schema.head_init import write_box_regression, write_head_weights
 from cache_schema.eval_gt import write_eval_gt
 from cache_schema.inputs import relative_to_store
 from extract.detectors.backends import check_class_table, load_adapter
+from extract.detectors.shipped import check_data_matches
 from extract.detectors.base import DetectorAdapter
 from extract.matching import match_rois
 from extract.overlaps import eval_ground_truth, image_overlaps
@@ -290,6 +291,7 @@ def extract(*, ckpt: Path, data: Path, out: str, config: ExtractConfig, progress
     device = pick_device(config.device)
     if "://" not in str(out) and not Path(out).exists():  # an existing path: the store checks say more
         check_output(out, kind="dir")  # its parents, before the detector loads
+    check_data_matches(Path(ckpt), Path(data))  # the shipped detector fits one benchmark only
     adapter = load_adapter(ckpt, device=device, config=config.detector_config)
     unknown = [lv for lv in config.levels if lv not in adapter.levels]
     if unknown:

@@ -1,8 +1,10 @@
 """``roicache demo``: the whole pipeline on the embedded benchmark, reusing what is still valid.
 
-benchmark → detector → extract → heads train (bi-level, 3fc_ft) → serve inject → serve eval,
-then one table in the shape of SimCal's Table 3 (orig / cal-only / dual rows), the calibration
-speed-up against the online recipe, and plots under the run directory.
+benchmark → the shipped detector (or, with ``train_detector``, a short-recipe one trained here) →
+extract → heads train (bi-level, 3fc_ft) → serve inject → serve eval → heads sweep (the
+combination rules and sel's T, from cached evaluation), then one table in the shape of SimCal's
+Table 3 (orig / cal-only / dual rows), the sweep's table, the calibration speed-up against the
+online recipe, and plots under the run directory.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from cache_schema.errors import RoicacheError, SchemaError
 from cache_schema.runtime import available_cores, sha256_file
 from extract.datasets import SynthConfig, generate
 from extract.detectors.checkpoint import read_torch_file
+from extract.detectors.shipped import shipped_checkpoint
 from extract.detectors.train import train_detector
 from extract.detectors.train_config import DetectorTrainConfig
 from extract.writer import ExtractConfig, extract
@@ -30,6 +33,8 @@ from heads.config import load_config
 from heads.models import load_head
 from heads.evaluation import format_table
 from heads.pipeline import train_from_store
+from heads.sweep.grid import Axis, SweepGrid
+from heads.sweep.runner import run_sweep
 from serve.evaluate import evaluate_detector, load_eval_run
 from serve.inject import inject
 from serve.online import calibrate_online
@@ -42,6 +47,10 @@ DEMO_SCHEDULE = {"schedule.max_steps": 3000, "schedule.milestones": "2000,2750"}
 #: cores at the 0.81 it/s measured there) so that a fresh `make demo` fits 30 minutes; the budget
 #: stops it at 9.5 min on a slower machine. `roicache detector train` alone keeps 750 steps.
 DEMO_DETECTOR = DetectorTrainConfig(max_steps=460, time_budget_s=9.5 * 60.0)
+#: The demo's sweep (SimCal supplement Table 1 and Fig. 4c): every dual-head combination rule at
+#: the demo's T, then ``sel`` across T — one calibrated head, each row a cached evaluation.
+SWEEP_RULES = ("cal-only", "avg", "det", "sel-scale", "sel-norm")
+SWEEP_T = (0.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 SPEED_STEPS = 10  # online steps timed for the cache-vs-online per-step ratio (bench/ runs more)
 
 
@@ -49,6 +58,7 @@ SPEED_STEPS = 10  # online steps timed for the cache-vs-online per-step ratio (b
 class DemoConfig:
     data: SynthConfig = field(default_factory=SynthConfig)
     detector: DetectorTrainConfig = DEMO_DETECTOR
+    train_detector: bool = False  # False: the shipped converged detector; True: train DEMO_DETECTOR
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     calibration: dict = field(default_factory=lambda: {**DEMO_SCHEDULE, "sampler.name": "bilevel",
                                                        "head.name": "3fc_ft", "loss.name": "ce",
@@ -125,6 +135,20 @@ def _timed_calibration(out: Path, store: Path, ckpt: Path, run: Path, overrides:
     return result
 
 
+def _demo_grid(cfg: DemoConfig) -> SweepGrid:
+    """The sweep of :data:`SWEEP_RULES` at ``cfg.T`` then ``sel`` at each of :data:`SWEEP_T`, zipped
+    on one axis so that a single head is trained with the demo's calibration config."""
+    rules = (*SWEEP_RULES, *("sel",) * len(SWEEP_T))
+    thresholds = (*(cfg.T,) * len(SWEEP_RULES), *SWEEP_T)
+    axis = Axis(fields=("combine.rule", "combine.T"), points=tuple(zip(rules, thresholds)))
+    return SweepGrid(base=load_config(None, cfg.calibration), axes=(axis,), source="<demo>")
+
+
+def _sweep_table(md_path: Path) -> str:
+    """The sweep's markdown table without its preamble (the lines that form the table)."""
+    return "\n".join(line for line in md_path.read_text().splitlines() if line.startswith("|"))
+
+
 def _detector_steps(ckpt: Path) -> dict:
     """Steps the demo's detector trained (and whether its time budget stopped it), from its meta."""
     meta = read_torch_file(ckpt, what="detector checkpoint").get("meta", {})
@@ -140,24 +164,28 @@ def run_demo(*, out_dir: Path, progress: bool = True, config: DemoConfig | None 
     timings: dict[str, float] = {}
 
     data = out_dir / "data"
-    t = _step(console, "1/6 benchmark")
+    t = _step(console, "1/7 benchmark")
     if not (data / "meta.json").is_file():
         generate(cfg.data, data, progress=progress)
     timings["data"] = time.perf_counter() - t
 
-    t = _step(console, "2/6 detector")
-    ckpt = out_dir / "detector" / "detector.pt"
-    if not ckpt.is_file():
-        ckpt = train_detector(data_dir=data, out_dir=out_dir / "detector", config=cfg.detector, progress=progress)
+    t = _step(console, "2/7 detector")
+    if cfg.train_detector:
+        ckpt = out_dir / "detector" / "detector.pt"
+        if not ckpt.is_file():
+            ckpt = train_detector(data_dir=data, out_dir=out_dir / "detector", config=cfg.detector, progress=progress)
+    else:
+        ckpt = shipped_checkpoint()
+        console.print(f"the shipped detector: {ckpt}")
     timings["detector"] = time.perf_counter() - t
 
-    t = _step(console, "3/6 extract")
+    t = _step(console, "3/7 extract")
     store = out_dir / "cache.zarr"
     if not _reusable_store(store, ckpt):
         _extract_parallel(ckpt, data, store, cfg.extract, progress)
     timings["extract"] = time.perf_counter() - t
 
-    t = _step(console, "4/6 heads train (bi-level, 3fc_ft)")
+    t = _step(console, "4/7 heads train (bi-level, 3fc_ft)")
     run = out_dir / "heads" / "simcal"
     calib = load_config(None, cfg.calibration)
     if _finished_run(run, calib, store):
@@ -167,14 +195,19 @@ def run_demo(*, out_dir: Path, progress: bool = True, config: DemoConfig | None 
         console.print(f"calibration: {result.steps} steps, {result.steps_per_second or 0:.1f} steps/s")
     timings["calibrate"] = time.perf_counter() - t
 
-    t = _step(console, "5/6 serve inject + full evaluation")
+    t = _step(console, "5/7 serve inject + full evaluation")
     injected = out_dir / "detector_sel.pt"
     inject(ckpt=ckpt, head=run, combination=Combination(rule="sel", T=cfg.T), out=injected, overwrite=True)
     full = load_eval_run(out_dir / "eval_full", injected) or evaluate_detector(
         ckpt=injected, data=data, out_dir=out_dir / "eval_full", combines=("orig", "cal-only", "sel"), progress=progress)
     timings["full_eval"] = time.perf_counter() - t
 
-    t = _step(console, "6/6 calibration speed: the same calibration online, through the detector")
+    t = _step(console, "6/7 heads sweep: combination rules and T, from cached evaluation")
+    sweep = run_sweep(cache=str(store), grid=_demo_grid(cfg), out_dir=out_dir / "sweep", progress=progress,
+                      overwrite=True)
+    timings["sweep"] = time.perf_counter() - t
+
+    t = _step(console, "7/7 calibration speed: the same calibration online, through the detector")
     speed = _timed_calibration(out_dir / "speed", store, ckpt, run, cfg.calibration, cfg.speed_steps, progress)
     timings["speed"] = time.perf_counter() - t
 
@@ -199,8 +232,11 @@ def run_demo(*, out_dir: Path, progress: bool = True, config: DemoConfig | None 
     console.print(f"detector: {steps['steps_done']} of {steps['total_steps']} steps"
                   + (" (stopped by its time budget)" if steps["stopped_by_time_budget"] else ""))
     console.print("stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    console.print(f"plots: {plots}")
+    console.print(f"sweep ({sweep.total} trials, {sweep.trained} head trained; {sweep.report.md_path}):")
+    console.print(_sweep_table(sweep.report.md_path))
+    console.print(f"plots: {plots} and {out_dir / 'sweep' / 'plots'}")
     summary = {"rows": {k: m.to_dict() for k, m in rows.items()}, "speed": speed, "timings": timings,
+               "sweep_table": str(sweep.report.md_path),
                "full_eval_s": full_s, "detector_steps": steps}
     (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     return summary

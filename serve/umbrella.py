@@ -71,25 +71,46 @@ def data_coco_lt(
 def detector_train(
     data: Path = typer.Option(..., help="Dataset directory holding train.json and images/."),
     out: Path = typer.Option(..., help="Run directory; resumes from OUT/last.pt when present."),
-    max_steps: int = typer.Option(None, help="Optimiser steps (default: the built-in schedule)."),
-    time_budget: float = typer.Option(None, help="Stop after this many seconds (default: the schedule's budget)."),
+    preset: str = typer.Option("default", help="Recipe: 'default' (short) or 'embedded' (converged, ~2 h on 2 cores)."),
+    max_steps: int = typer.Option(None, help="Optimiser steps (default: the preset's schedule)."),
+    time_budget: float = typer.Option(None, help="Stop after this many seconds (default: the preset's budget)."),
     seed: int = typer.Option(0, help="Seed of initialisation and sampling."),
     processes: int = typer.Option(None, help="Training processes (CPU data parallel)."),
+    snapshot_every: int = typer.Option(None, help="Steps between val-evaluated snapshots (default: the preset's)."),
+    eval_images: int = typer.Option(120, help="Val images evaluated per snapshot (0 = all)."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Write snapshots without evaluating them."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train the small default Mask R-CNN from scratch on a dataset (plain random sampling)."""
-    from dataclasses import replace
+    from serve.snapshot_eval import train_preset
 
-    from extract.detectors.train import train_detector
-    from extract.detectors.train_config import DetectorTrainConfig
-
-    config = DetectorTrainConfig(seed=seed)
     overrides = {k: v for k, v in (("max_steps", max_steps), ("time_budget_s", time_budget),
-                                   ("processes", processes)) if v is not None}
-    config = replace(config, **overrides)
+                                   ("processes", processes), ("snapshot_every", snapshot_every)) if v is not None}
+    if max_steps is not None:
+        overrides["epochs"] = None
+    overrides["seed"] = seed
+    if eval_images < 0:
+        fail(f"--eval-images {eval_images} must be >= 0 (0 = every val image)")
     check_output(out, kind="dir")
-    path = train_detector(data_dir=data, out_dir=out, config=config, progress=not quiet)
+    path = train_preset(data=data, out=out, preset=preset, overrides=overrides, eval_images=eval_images or None,
+                        evaluate=not no_eval, progress=not quiet)
     Console().print(f"detector checkpoint: {path}")
+
+
+@detector_app.command("ship")
+@friendly_errors
+def detector_ship(
+    run: Path = typer.Option(..., help="A finished `roicache detector train` run directory."),
+    data: Path = typer.Option(..., help="The dataset it was trained on (its val split is evaluated)."),
+    preset: str = typer.Option("embedded", help="The preset the run used (recorded in the manifest)."),
+    name: str = typer.Option("embedded", help="Name of the shipped checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Maintainers: ship RUN's detector with roicache (float16 weights, sha256 manifest, val AP)."""
+    from serve.ship import ship_detector
+
+    val = ship_detector(run=run, data=data, name=name, preset=preset, progress=not quiet)
+    Console().print(f"shipped {name}: mask AP {100 * val['segm']['AP']:.1f}, box AP {100 * val['bbox']['AP']:.1f}")
 
 
 @cache_app.command("validate")
@@ -190,13 +211,15 @@ def cache_add_overlaps(store: str = typer.Argument(..., help="Store path (opened
 @app.command("demo")
 @friendly_errors
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Run directory; valid artifacts in it are reused."),
+         train_detector: bool = typer.Option(False, "--train-detector",
+                                             help="Train a short-recipe detector instead of using the shipped one."),
          quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")) -> None:
-    """The whole pipeline on the embedded benchmark: data, detector, extract, calibrate, inject, evaluate."""
-    from serve.demo import run_demo
+    """The whole pipeline on the embedded benchmark: data, detector, extract, calibrate, inject, evaluate, sweep."""
+    from serve.demo import DemoConfig, run_demo
 
     configure_threads()
     check_output(out, kind="dir")
-    run_demo(out_dir=out, progress=not quiet)
+    run_demo(out_dir=out, progress=not quiet, config=DemoConfig(train_detector=train_detector))
 
 
 def main() -> None:

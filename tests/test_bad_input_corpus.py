@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from extract.cli import app as extract_app
+from extract.detectors.shipped import shipped_checkpoint
 from heads.combine import Combination
 from heads.cli import app as heads_app
 from serve.cli import app as serve_app
@@ -178,7 +179,24 @@ CASES = [
     ("export_hdf5_out_exists", "roicache",
      lambda c: ["cache", "export-hdf5", c["store"], "--out", c["file"]],
      "exists; pass --overwrite", []),
+    # Issue 15: the shipped detector and detector recipes.
+    ("extract_shipped_detector_on_another_benchmark", "extract",
+     lambda c: ["--ckpt", shipped_checkpoint(), "--data", c["data"], "--out", c["tmp"] / "s.zarr"],
+     "another benchmark config", ["s.zarr"]),
+    ("extract_truncated_checkpoint", "extract",
+     lambda c: ["--ckpt", _truncated(c), "--data", c["data"], "--out", c["tmp"] / "s.zarr"],
+     "truncated or corrupt", ["s.zarr"]),
+    ("detector_train_unknown_preset", "roicache",
+     lambda c: ["detector", "train", "--data", c["data"], "--out", c["tmp"] / "run", "--preset", "nope"],
+     "unknown detector preset 'nope'", ["run"]),
 ]
+
+
+def _truncated(ctx: dict) -> Path:
+    """The first 100 kB of the shipped detector: what an interrupted copy leaves."""
+    path = ctx["tmp"] / "truncated.pt"
+    path.write_bytes(shipped_checkpoint().read_bytes()[:100_000])
+    return path
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

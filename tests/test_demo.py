@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from serve.demo import DemoConfig, run_demo
+from serve.demo import SWEEP_RULES, SWEEP_T, DemoConfig, run_demo
 from tests.pipeline_fixtures import TINY_DATA, TINY_EXTRACT, TINY_TRAIN
 
 pytestmark = pytest.mark.slow
 
 TINY_DEMO = DemoConfig(
-    data=TINY_DATA, detector=TINY_TRAIN, extract=TINY_EXTRACT, T=9.0, speed_steps=3,
+    data=TINY_DATA, detector=TINY_TRAIN, train_detector=True, extract=TINY_EXTRACT, T=9.0, speed_steps=3,
     calibration={"schedule.max_steps": 40, "schedule.milestones": "30", "sampler.name": "bilevel",
                  "head.name": "3fc_ft", "loss.name": "ce", "run.threads": 1, "run.device": "cpu"})
 ROWS = ("orig", "cal-only", "dual (sel, T=9)")
@@ -64,3 +64,16 @@ def test_second_demo_run_reuses_everything(demo_runs):
     assert second["timings"]["calibrate"] < 5.0
     # inject writes the same bytes again, so the finished full evaluation is found and reused.
     assert second["timings"]["full_eval"] < 5.0
+
+
+def test_demo_sweep_has_every_rule_and_threshold_from_one_head(demo_runs):
+    out, first, second = demo_runs
+    results = [json.loads(p.read_text()) for p in (out / "sweep" / "results").glob("*.json")]
+    assert len(results) == len(SWEEP_RULES) + len(SWEEP_T)
+    assert len({r["train_id"] for r in results}) == 1  # combine axes reuse one trained head
+    assert {r["rule"] for r in results} == {*SWEEP_RULES, "sel"}
+    assert sorted(r["config"]["combine"]["T"] for r in results if r["rule"] == "sel") == sorted(SWEEP_T)
+    # T = 0: no class has at most 0 training instances, so sel is the original head exactly.
+    zero = next(r for r in results if r["rule"] == "sel" and r["config"]["combine"]["T"] == 0.0)
+    assert zero["rows"]["sel"]["segm"]["summary"] == zero["rows"]["orig"]["segm"]["summary"]
+    assert second["sweep_table"] == first["sweep_table"] and (out / "sweep" / "table.md").is_file()

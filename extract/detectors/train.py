@@ -17,6 +17,7 @@ import json
 import math
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from extract.detectors.train_state import (
 FINAL_NAME = "detector.pt"
 STATE_NAME = "last.pt"
 LOG_NAME = "train_log.json"
+SNAPSHOT_DIR = "snapshots"
 ERROR_PREFIX = ".train_error."
 
 
@@ -60,6 +62,7 @@ class _Job:
     progress: bool
     stop_after_steps: int | None
     source: dict
+    on_snapshot: Callable[[Path, int], None] | None = None
 
 
 def train_detector(
@@ -70,6 +73,7 @@ def train_detector(
     arch: DetectorArch | None = None,
     progress: bool = True,
     stop_after_steps: int | None = None,
+    on_snapshot: Callable[[Path, int], None] | None = None,
 ) -> Path:
     """Train on ``data_dir/train.json`` and return ``out_dir/detector.pt`` (resumes ``last.pt``).
 
@@ -95,6 +99,7 @@ def train_detector(
         progress=progress,
         stop_after_steps=stop_after_steps,
         source=source,
+        on_snapshot=on_snapshot,
     )
 
 
@@ -115,6 +120,7 @@ def run_training(
     progress: bool = True,
     stop_after_steps: int | None = None,
     source: dict | None = None,
+    on_snapshot: Callable[[Path, int], None] | None = None,
 ) -> Path:
     """Train a detector on ``dataset`` (``len`` + ``[i]``), resuming from ``out_dir/last.pt``.
 
@@ -123,6 +129,9 @@ def run_training(
         stop_after_steps: run at most this many steps in this call, then return ``last.pt``
             (for chunked or preemptible jobs; the next call resumes). ``None`` = to the end.
         source: JSON-safe description of the training data, stored in the checkpoint's meta.
+        on_snapshot: called on rank 0 as ``on_snapshot(path, step)`` after each snapshot of
+            ``config.snapshot_every`` is written (the other ranks wait at their next collective);
+            it must be picklable when ``config.processes > 1`` (a module-level class instance).
 
     Returns:
         ``out_dir/detector.pt`` when the run reached its last step or its time budget, else
@@ -155,6 +164,7 @@ def run_training(
         progress=progress,
         stop_after_steps=stop_after_steps,
         source=dict(source or {}),
+        on_snapshot=on_snapshot,
     )
     if config.processes == 1:
         threads_before = torch.get_num_threads()
@@ -311,6 +321,9 @@ def _train_loop(*, rank: int, world: int, job: _Job) -> None:
             if rank == 0 and (step % config.checkpoint_every == 0 or step == end or by_budget):
                 seconds = seconds_before + time.monotonic() - t0
                 _save_state(job, model=model, optimizer=optimizer, step=step, losses=losses, seconds=seconds)
+            every = config.snapshot_every
+            if rank == 0 and every is not None and (step % every == 0 or step == total):
+                _snapshot(job, model=model, step=step, total=total)
             if by_budget:
                 break
     if rank == 0 and (step >= total or by_budget):
@@ -341,6 +354,20 @@ def _save_state(job: _Job, *, model, optimizer, step: int, losses: list, seconds
         train_seconds=seconds,
     )
     save_train_state(job.out_dir / STATE_NAME, state=state, seed=job.config.seed)
+
+
+def _snapshot(job: _Job, *, model, step: int, total: int) -> None:
+    """Write ``snapshots/step_NNNNNN.pt`` (loadable like ``detector.pt``) and run the hook."""
+    meta = {"trainer": "extract.detectors.train", "config": job.config.to_dict(), "seed": job.config.seed,
+            "steps_done": step, "total_steps": total, "snapshot": True, "data": job.source}
+    path = save_detector(job.out_dir / SNAPSHOT_DIR / f"step_{step:06d}.pt", model=model, arch=job.arch,
+                         categories=job.categories, meta=meta)
+    if job.on_snapshot is not None:
+        threads = torch.get_num_threads()
+        try:
+            job.on_snapshot(path, step)
+        finally:
+            torch.set_num_threads(threads)  # the hook may set its own; training keeps its layout
 
 
 def _finish(job: _Job, *, model, step: int, total: int, losses: list, by_budget: bool, seconds: float) -> None:
