@@ -191,8 +191,8 @@ def main() -> None:
     lines = [f"- sequential / sweep --jobs {args.jobs} wall time: **{q_wall / s_wall:.2f}x**",
              f"- peak memory, sweep --jobs {args.jobs} / one single run: **{s_peak / q_peak:.2f}**",
              f"- sweep --jobs {args.jobs} at its peak, PSS per process (MiB): {_parts(s_parts)}",
-             f"- a bare interpreter that imports what a worker imports (torch, heads): {base:,.0f} MiB PSS; "
-             f"the sweep's {len(s_parts) - 1} child processes hold at least that each"]
+             f"- a bare interpreter that imports what a worker imports (torch, heads): {base:,.0f} MiB PSS alone "
+             f"(the sweep's workers are forked from one server process that imported it, so they share those pages)"]
     if args.also_jobs_1:
         one_wall, one_peak, one_ap = run_sweep(work, args.store, args.head, steps, 1)
         rows.insert(1, ["heads sweep --jobs 1", C.fmt_s(one_wall), f"{one_peak:,.0f}"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,24 @@ def test_unreachable_ray_address_names_it(tiny_store, tmp_path):
 def test_bad_jobs(tiny_store, tmp_path):
     line, _ = sweep(tiny_store, BASE, tmp_path, "--jobs", "0")
     assert "--jobs 0" in line
+
+
+def test_a_moved_val_json_is_named_with_annotations(tiny_ckpt, tiny_data, tmp_path):
+    """The LVIS API needs the val json the store was extracted from: moved, the sweep refuses in
+    one line naming --annotations; given with it, the sweep runs and scores with it."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    store = build_store(tiny_ckpt, data, tmp_path / "store.zarr")
+    moved = tmp_path / "val_elsewhere.json"
+    shutil.move(data / "val.json", moved)
+    grid = BASE + '[sweep]\nevaluator = "lvis-api"\n'
+    line, out = sweep(store, grid, tmp_path)
+    assert "--annotations val=PATH" in line
+    result = CliRunner().invoke(app, ["sweep", "--cache", str(store), "--grid", str(tmp_path / "grid.toml"), "--out",
+                                      str(out), "--jobs", "1", "--quiet", "--annotations", f"val={moved}"])
+    assert result.exit_code == 0, result.output
+    (trial,) = (out / "results").glob("*.json")
+    rows = json.loads(trial.read_text())["rows"]
+    for row in (rows["orig"], rows["sel"]):
+        assert "evaluator: lvis-api (asked for)" in row["notes"]
+        assert 0 <= row["segm"]["summary"]["AP"] <= 1 and row["segm"]["per_category"]

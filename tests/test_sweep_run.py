@@ -2,18 +2,18 @@
 training config, reruns train nothing, a killed sweep resumes, ``--jobs 2`` and Ray give the same
 rows, the ``orig`` row is scored once per run, nothing half-written is reported.
 
-Every sweep here is real (``train_head``, cached evaluation; spawned workers, but for one sweep
-whose jobs run in this process to count them); heads train 20 steps.
+Every sweep here is real (``train_head``, cached evaluation; ``--jobs 1`` runs the jobs on a
+thread of this process, ``--jobs 2`` on forked worker processes); heads train 20 steps.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import csv
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,8 +25,8 @@ from typer.testing import CliRunner
 from heads.cli import app
 from heads.combine import Combination
 from heads.pipeline import evaluate_from_store
+from heads.sweep.backends import InlineBackend
 from heads.sweep.grid import load_grid
-from heads.sweep.jobs import orig_job, score_job, train_job
 from heads.sweep.results import read_sweep_record, result_path
 from heads.sweep.runner import run_sweep
 from heads.sweep.tables import write_report
@@ -128,37 +128,24 @@ def test_jobs_2_gives_the_same_rows_as_jobs_1(swept, tiny_store, grid_file, tmp_
     assert table_without_times(two.out_dir) == table_without_times(swept.out_dir)
 
 
-class InlineBackend:
-    """Runs each job at once, in this process, on inputs loaded as the pool's parent loads them;
-    counts the jobs by kind."""
+class CountingBackend(InlineBackend):
+    """The sweep's own ``--jobs 1`` backend, counting the jobs by kind."""
 
-    def __init__(self, store, plan, todo, to_train, jobs) -> None:
-        from heads.models import level_for_head
-        from heads.pipeline import load_eval_inputs
-        from heads.sweep.jobs import load_train_inputs
-
-        levels = tuple(sorted({level_for_head(plan.grid.trials[i].config.head.name) for i in todo}))
-        self.evaluation = load_eval_inputs(store, levels=levels, evaluator=plan.grid.evaluator)
-        self.inputs = load_train_inputs(store, levels, with_init=True, val_from=self.evaluation)
+    def __init__(self, *, inputs, evaluation) -> None:
+        super().__init__(inputs=inputs, evaluation=evaluation)
         self.calls = {"train": 0, "orig": 0, "score": 0}
 
-    def _done(self, kind: str, value) -> cf.Future:
-        self.calls[kind] += 1
-        future = cf.Future()
-        future.set_result(value)
-        return future
-
     def train(self, job):
-        return self._done("train", train_job(job, self.inputs))
+        self.calls["train"] += 1
+        return super().train(job)
 
     def orig(self, job):
-        return self._done("orig", orig_job(job, self.evaluation))
+        self.calls["orig"] += 1
+        return super().orig(job)
 
     def score(self, job):
-        return self._done("score", score_job(job, self.evaluation))
-
-    def close(self) -> None:
-        pass
+        self.calls["score"] += 1
+        return super().score(job)
 
 
 def test_orig_is_scored_once_per_run_and_every_trial_gets_the_same_rows(swept, tiny_store, grid_file, tmp_path,
@@ -166,7 +153,7 @@ def test_orig_is_scored_once_per_run_and_every_trial_gets_the_same_rows(swept, t
     import heads.sweep.runner as runner
 
     made = []
-    monkeypatch.setattr(runner, "_process_backend", lambda *a: made.append(InlineBackend(*a)) or made[-1])
+    monkeypatch.setattr(runner, "InlineBackend", lambda **kw: made.append(CountingBackend(**kw)) or made[-1])
     inline = run_sweep(cache=str(tiny_store), grid=load_grid(grid_file), out_dir=tmp_path / "inline", jobs=1,
                        progress=False)
     assert made[0].calls == {"train": 2, "orig": 1, "score": 4}
@@ -242,6 +229,33 @@ def test_ray_local_gives_the_same_rows(swept, tiny_store, grid_file, tmp_path):
     ray_run = run_sweep(cache=str(tiny_store), grid=load_grid(grid_file), out_dir=tmp_path / "ray", jobs=2,
                         address="local", progress=False)
     one, other = results_of(swept.out_dir), results_of(ray_run.out_dir)
+    assert one.keys() == other.keys() and all(one[t]["rows"] == other[t]["rows"] for t in one)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_client_address_gives_the_same_rows(swept, tiny_store, grid_file, tmp_path):
+    """A real Ray cluster started apart (``ray start --head``) and reached in client mode
+    (``--address ray://HOST:PORT``): the same rows as the local pool."""
+    pytest.importorskip("ray")
+    ray_cli = Path(sys.executable).with_name("ray")
+    gcs, client = _free_port(), _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    started = subprocess.run([str(ray_cli), "start", "--head", f"--port={gcs}", f"--ray-client-server-port={client}",
+                              "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={tmp_path / 'ray'}"],
+                             env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert started.returncode == 0, started.stderr[-2000:]
+        run = run_sweep(cache=str(tiny_store), grid=load_grid(grid_file), out_dir=tmp_path / "client", jobs=2,
+                        address=f"ray://127.0.0.1:{client}", progress=False)
+    finally:
+        subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    one, other = results_of(swept.out_dir), results_of(run.out_dir)
     assert one.keys() == other.keys() and all(one[t]["rows"] == other[t]["rows"] for t in one)
 
 

@@ -1,6 +1,7 @@
-"""Where a sweep's jobs run: a local spawn pool sharing the parent's train and evaluation inputs
-(:class:`ProcessBackend`) or Ray tasks (:class:`RayBackend`). Both hand out
-``concurrent.futures.Future`` objects, so :mod:`heads.sweep.runner` schedules them alike."""
+"""Where a sweep's jobs run: one job at a time in the sweep's own process
+(:class:`InlineBackend`, ``--jobs 1``), a local pool of worker processes sharing the parent's
+train and evaluation inputs (:class:`ProcessBackend`) or Ray tasks (:class:`RayBackend`). All hand
+out ``concurrent.futures.Future`` objects, so :mod:`heads.sweep.runner` schedules them alike."""
 
 from __future__ import annotations
 
@@ -8,16 +9,22 @@ import concurrent.futures as cf
 import importlib
 import logging
 import socket
+from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
 import torch.multiprocessing
 
 from cache_schema.errors import ConfigError
-from cache_schema.runtime import available_cores
+from cache_schema.runtime import available_cores, configure_threads
 from heads.evaluation import EvalInputs
 from heads.sweep.jobs import (OrigJob, ScoreJob, TrainInputs, TrainJob, init_pool_worker, orig_in_pool, orig_in_ray,
-                              score_in_pool, score_in_ray, train_in_pool, train_in_ray)
+                              orig_job, score_in_pool, score_in_ray, score_job, train_in_pool, train_in_ray, train_job)
+
+#: What a pool worker imports, loaded once by the fork server its workers are forked from: the
+#: workers then share those pages (about 400 MiB of private heap per interpreter after importing
+#: torch, measured) instead of each importing its own copy.
+WORKER_PRELOAD = ("heads.sweep.jobs", "lvis", "pycocotools.mask")
 
 
 class Backend(Protocol):
@@ -34,16 +41,48 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+class InlineBackend:
+    """Jobs one at a time on a thread of the sweep's own process (``--jobs 1``): no second
+    interpreter and no copy of the inputs, so the sweep holds what one ``heads train`` holds. The
+    caller's thread stays free for the progress display and Ctrl-C."""
+
+    def __init__(self, *, inputs: TrainInputs | None, evaluation: EvalInputs) -> None:
+        self.inputs, self.evaluation = inputs, evaluation
+        self._threads = torch.get_num_threads()
+        configure_threads()  # every core this process may use (ROICACHE_THREADS overrides)
+        self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sweep-job")
+
+    def train(self, job: TrainJob) -> cf.Future:
+        if self.inputs is None:
+            raise ValueError("InlineBackend.train: the sweep has nothing to train (no train inputs were loaded)")
+        return self.pool.submit(train_job, job, self.inputs)
+
+    def orig(self, job: OrigJob) -> cf.Future:
+        return self.pool.submit(orig_job, job, self.evaluation)
+
+    def score(self, job: ScoreJob) -> cf.Future:
+        return self.pool.submit(score_job, job, self.evaluation)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)  # as ProcessBackend: the running job finishes
+        torch.set_num_threads(self._threads)
+
+
 class ProcessBackend:
-    """Jobs on a local spawn pool whose workers share the parent's :class:`TrainInputs` and
-    :class:`~heads.evaluation.EvalInputs` (both in shared memory: ``share_memory()``)."""
+    """Jobs on a local pool of ``jobs`` worker processes that share the parent's
+    :class:`TrainInputs` and :class:`~heads.evaluation.EvalInputs` (both in shared memory:
+    ``share_memory()``)."""
 
     def __init__(self, *, jobs: int, inputs: TrainInputs | None, evaluation: EvalInputs) -> None:
         threads = max(1, available_cores() // jobs)
-        # spawn, not fork: a forked child of a process that already ran torch's thread pools can
-        # deadlock; torch's context pickles shared tensors as file descriptors. Both records go in
-        # one pickle, so a tensor they share (the val features) is sent once.
-        self.pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=torch.multiprocessing.get_context("spawn"),
+        # forkserver: workers are forked from a clean server process that imported WORKER_PRELOAD
+        # once, so they share its imported modules; not plain fork, because a forked child of a
+        # process that already ran torch's thread pools (this one) can deadlock. torch's context
+        # pickles shared tensors as file descriptors; both records go in one pickle, so a tensor
+        # they share (the val features) is sent once.
+        context = torch.multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(list(WORKER_PRELOAD))
+        self.pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
                                            initializer=init_pool_worker, initargs=(inputs, evaluation, threads))
 
     def train(self, job: TrainJob) -> cf.Future:
@@ -79,7 +118,7 @@ def _reachable(address: str) -> None:
 class RayBackend:
     """Jobs as Ray tasks (one CPU each) on an existing cluster or a local instance."""
 
-    def __init__(self, *, address: str, cache: str, jobs: int | None) -> None:
+    def __init__(self, *, address: str, cache: str, annotations: dict[str, Path] | None, jobs: int | None) -> None:
         try:
             self.ray = importlib.import_module("ray")
         except ImportError:
@@ -97,7 +136,7 @@ class RayBackend:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ConfigError(f"--address {address}: cannot connect to a Ray cluster ({first}); start one with "
                                   "`ray start --head` and pass its address, or use --address local") from None
-        self.cache = cache
+        self.cache, self.annotations = cache, annotations
         self._train = self.ray.remote(num_cpus=1)(train_in_ray)
         self._orig = self.ray.remote(num_cpus=1)(orig_in_ray)
         self._score = self.ray.remote(num_cpus=1)(score_in_ray)
@@ -106,10 +145,10 @@ class RayBackend:
         return self._unwrapped(self._train.remote(job, self.cache, 1).future())
 
     def orig(self, job: OrigJob) -> cf.Future:
-        return self._unwrapped(self._orig.remote(job, 1).future())
+        return self._unwrapped(self._orig.remote(job, self.annotations, 1).future())
 
     def score(self, job: ScoreJob) -> cf.Future:
-        return self._unwrapped(self._score.remote(job, 1).future())
+        return self._unwrapped(self._score.remote(job, self.annotations, 1).future())
 
     def _unwrapped(self, future: cf.Future) -> cf.Future:
         """``future`` with a task's error as the task raised it: Ray wraps it in a RayTaskError
@@ -131,4 +170,4 @@ class RayBackend:
         self.ray.shutdown()
 
 
-__all__ = ["Backend", "ProcessBackend", "RayBackend"]
+__all__ = ["Backend", "InlineBackend", "ProcessBackend", "RayBackend"]

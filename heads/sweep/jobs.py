@@ -270,15 +270,17 @@ def train_in_ray(job: TrainJob, cache: str, threads: int) -> TrainDone:
     return train_job(job, inputs)
 
 
-def orig_in_ray(job: OrigJob, threads: int) -> dict:
+def orig_in_ray(job: OrigJob, annotations: dict[str, Path] | None, threads: int) -> dict:
+    """``annotations``: the sweep's ``--annotations`` (``{"val": PATH}``), or ``None``."""
     torch.set_num_threads(max(1, threads))
-    return orig_job(job, load_eval_inputs(open_store(job.cache), evaluator=job.evaluator))
+    return orig_job(job, load_eval_inputs(open_store(job.cache), evaluator=job.evaluator, annotations=annotations))
 
 
-def score_in_ray(job: ScoreJob, threads: int) -> TrialResult:
+def score_in_ray(job: ScoreJob, annotations: dict[str, Path] | None, threads: int) -> TrialResult:
     torch.set_num_threads(max(1, threads))
     level = level_for_head(job.trial.config.head.name)
-    return score_job(job, load_eval_inputs(open_store(job.cache), levels=(level,), evaluator=job.evaluator))
+    return score_job(job, load_eval_inputs(open_store(job.cache), levels=(level,), evaluator=job.evaluator,
+                                           annotations=annotations))
 
 
 __all__ = ["TrainInputs", "TrainJob", "TrainDone", "OrigJob", "ScoreJob", "load_train_inputs", "train_job",

@@ -6,15 +6,18 @@ whose head directory lacks a finished head (``metrics.json``) is trained (``head
 resumes a killed attempt from its ``last.pt``), and as soon as a head is ready its trials are
 scored, each in its own job. Jobs run (:mod:`heads.sweep.backends`) on
 
-- local processes (default): a ``torch.multiprocessing`` spawn pool of ``jobs`` workers. The
-  parent loads once the train RoIs of the levels the pending heads read and everything cached
-  evaluation reads from the val split (:class:`~heads.evaluation.EvalInputs`: val features of
-  those levels, logits, boxes, mask overlaps, ground truth; the training monitor's val RoIs are
-  the same tensors), moves them into shared memory and hands them to each worker through the
-  pool initializer; pickled by torch's reductions they travel as file descriptors of the same
-  pages, so neither the feature nor the evaluation memory grows with ``jobs`` (only each
-  worker's own interpreter, head, training batches and score tables do). Each worker runs
-  ``cores // jobs`` torch threads.
+- local processes (default): ``jobs`` worker processes forked from a server process that
+  imported torch and the project once (multiprocessing's ``forkserver``), so the workers share
+  those modules' pages. The parent loads once the train RoIs of the levels the pending heads read
+  and everything cached evaluation reads from the val split
+  (:class:`~heads.evaluation.EvalInputs`: val features of those levels, logits, boxes, mask
+  overlaps, ground truth; the training monitor's val RoIs are the same tensors), moves them into
+  shared memory and hands them to each worker through the pool initializer; pickled by torch's
+  reductions they travel as file descriptors of the same pages, so neither the feature nor the
+  evaluation memory grows with ``jobs`` (only each worker's head, training batches and score
+  tables do). Each worker runs ``cores // jobs`` torch threads. With one job (``--jobs 1``, or
+  what the machine allows) the jobs run on a thread of the sweep's own process instead: no
+  second interpreter, no shared-memory copy.
 - a Ray cluster (``address``: ``ray://HOST:PORT``, ``HOST:PORT``, ``auto``, or ``local`` for a
   Ray instance started here): each task opens the store itself from its path or URL, so the
   store and ``DIR`` must be reachable under the same names from every node (a shared file
@@ -38,7 +41,7 @@ from cache_schema.head_init import read_head_weights
 from cache_schema.runtime import available_cores, check_output
 from heads.models import level_for_head
 from heads.pipeline import FROM_DETECTOR, available_memory_bytes, load_eval_inputs, val_ground_truth
-from heads.sweep.backends import Backend, ProcessBackend, RayBackend
+from heads.sweep.backends import Backend, InlineBackend, ProcessBackend, RayBackend
 from heads.sweep.grid import SweepGrid
 from heads.sweep.identity import store_fingerprint, train_id, trial_id
 from heads.sweep.jobs import OrigJob, ScoreJob, TrainJob, head_finished, load_train_inputs
@@ -74,10 +77,11 @@ class SweepPlan:
                            evaluator=self.grid.evaluator, trials=self.ids)
 
 
-def check_store(store: Store, grid: SweepGrid) -> None:
+def check_store(store: Store, grid: SweepGrid, annotations: dict[str, Path] | None = None) -> None:
     """Everything a trial will need from the store, checked before any work: a train and a val
     split, the feature level of every trial's head in both, the detector head weights for heads
-    that start from them, the val ground truth for evaluation."""
+    that start from them, the val ground truth for evaluation (``annotations``: ``{"val": PATH}``
+    when the val json is not where the store recorded it)."""
     for name in ("train", "val"):
         if name not in store.splits:
             raise SchemaError(f"store {store.path} has no {name} split; extract it with --splits train,val")
@@ -92,7 +96,7 @@ def check_store(store: Store, grid: SweepGrid) -> None:
                                   f"re-extract with --levels {','.join(sorted({*levels, level}))}")
     if any(t.config.head.name in FROM_DETECTOR for t in grid.trials):
         read_head_weights(store)
-    val_ground_truth(store, None, grid.evaluator)
+    val_ground_truth(store, annotations, grid.evaluator)
 
 
 def plan_sweep(store: Store, grid: SweepGrid) -> SweepPlan:
@@ -152,23 +156,27 @@ def _pending(out_dir: Path, plan: SweepPlan) -> tuple[list[int], list[str]]:
 
 
 def run_sweep(*, cache: str, grid: SweepGrid, out_dir: Path, jobs: int | None = None, address: str | None = None,
-              progress: bool = True, overwrite: bool = False) -> SweepOutcome:
+              progress: bool = True, overwrite: bool = False,
+              annotations: dict[str, Path] | None = None) -> SweepOutcome:
     """Run every trial of ``grid`` on the store ``cache`` into ``out_dir`` (resuming a previous
     run there) and rebuild its tables. ``jobs``: parallel workers (``None``: :func:`default_jobs`;
-    with ``address``, the Ray tasks in flight are bounded by the cluster's CPUs instead)."""
+    with ``address``, the Ray tasks in flight are bounded by the cluster's CPUs instead).
+    ``annotations``: ``{"val": PATH}`` when the val json is not where the store recorded it
+    (content-checked; it does not enter any trial's identity)."""
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs {jobs}: give 1 or more")
     store = open_store(cache)
-    check_store(store, grid)
+    check_store(store, grid, annotations)
     plan = plan_sweep(store, grid)
     out_dir = check_out_dir(Path(out_dir), plan, overwrite=overwrite).resolve()
     # Ray connects (or fails with its one line) before anything is written.
-    backend: Backend | None = RayBackend(address=address, cache=plan.cache, jobs=jobs) if address else None
+    backend: Backend | None = RayBackend(address=address, cache=plan.cache, annotations=annotations,
+                                                       jobs=jobs) if address else None
     try:
         write_sweep_record(out_dir, plan.record())
         todo, to_train = _pending(out_dir, plan)
         if todo and backend is None:
-            backend = _process_backend(store, plan, todo, to_train, jobs)
+            backend = _process_backend(store, plan, todo, to_train, jobs, annotations)
         with SweepProgress(total=len(plan.ids), done=len(plan.ids) - len(todo), enabled=progress) as bar:
             if todo:
                 _schedule(plan, out_dir, backend, todo, to_train, bar.update)
@@ -179,25 +187,28 @@ def run_sweep(*, cache: str, grid: SweepGrid, out_dir: Path, jobs: int | None = 
                         trained=len(to_train), report=write_report(out_dir))
 
 
-def _process_backend(store: Store, plan: SweepPlan, todo: list[int], to_train: list[str],
-                     jobs: int | None) -> ProcessBackend:
-    """The local pool for the pending trials ``todo``: the evaluation inputs of their heads' levels
-    and the train inputs of the heads ``to_train``, loaded once here and shared; ``jobs`` workers
-    (at most one per pending trial)."""
+def _process_backend(store: Store, plan: SweepPlan, todo: list[int], to_train: list[str], jobs: int | None,
+                     annotations: dict[str, Path] | None) -> InlineBackend | ProcessBackend:
+    """The local backend for the pending trials ``todo``: the evaluation inputs of their heads'
+    levels and the train inputs of the heads ``to_train``, loaded once here; ``jobs`` workers (at
+    most one per pending trial) sharing them, or with one worker this process itself."""
     trials = plan.grid.trials
     levels = tuple(sorted({level_for_head(trials[i].config.head.name) for i in todo}))
-    evaluation = load_eval_inputs(store, levels=levels, evaluator=plan.grid.evaluator).share_memory()
+    evaluation = load_eval_inputs(store, levels=levels, evaluator=plan.grid.evaluator, annotations=annotations)
     trial_of = {plan.ids[i].train_id: trials[i] for i in todo}
     heads = [trial_of[h].config.head.name for h in to_train]
     inputs = None
     if to_train:
         inputs = load_train_inputs(store, tuple(sorted({level_for_head(h) for h in heads})),
-                                   with_init=any(h in FROM_DETECTOR for h in heads), val_from=evaluation).share_memory()
+                                   with_init=any(h in FROM_DETECTOR for h in heads), val_from=evaluation)
     # The monitor's val features are the evaluation's tensors: count the train features only.
     train_bytes = sum(r.features.numel() * r.features.element_size() for r in inputs.train.values()) if inputs else 0
-    n = jobs or default_jobs(tasks=len(todo), shared_bytes=train_bytes + evaluation.nbytes,
-                             eval_bytes=evaluation.scratch_bytes)
-    return ProcessBackend(jobs=min(n, len(todo)), inputs=inputs, evaluation=evaluation)
+    n = min(jobs or default_jobs(tasks=len(todo), shared_bytes=train_bytes + evaluation.nbytes,
+                                 eval_bytes=evaluation.scratch_bytes), len(todo))
+    if n == 1:
+        return InlineBackend(inputs=inputs, evaluation=evaluation)
+    # Shared memory only when other processes read the tensors (moving them there copies them).
+    return ProcessBackend(jobs=n, inputs=inputs and inputs.share_memory(), evaluation=evaluation.share_memory())
 
 
 def _schedule(plan: SweepPlan, out_dir: Path, backend: Backend, todo: list[int], to_train: list[str],
