@@ -77,3 +77,24 @@ def test_demo_sweep_has_every_rule_and_threshold_from_one_head(demo_runs):
     zero = next(r for r in results if r["rule"] == "sel" and r["config"]["combine"]["T"] == 0.0)
     assert zero["rows"]["sel"]["segm"]["summary"] == zero["rows"]["orig"]["segm"]["summary"]
     assert second["sweep_table"] == first["sweep_table"] and (out / "sweep" / "table.md").is_file()
+
+
+def test_demo_sweep_reuses_step_4s_head_which_is_the_head_it_would_train(demo_runs, tmp_path):
+    """The sweep gets a copy of the calibrated head instead of training it again; trained by the
+    sweep itself (a fresh directory, the same grid's base), the head is the same bit for bit."""
+    import torch
+
+    from heads.sweep.grid import SweepGrid
+    from heads.sweep.runner import run_sweep
+    from serve.demo import _demo_grid
+
+    out, first, _ = demo_runs
+    assert first["sweep_heads_trained"] == 0
+    base = SweepGrid(base=_demo_grid(TINY_DEMO).base, axes=(), source="<test>")
+    own = run_sweep(cache=str(out / "cache.zarr"), grid=base, out_dir=tmp_path / "own", jobs=1, progress=False)
+    assert own.trained == 1
+    (trained,) = (tmp_path / "own" / "heads").iterdir()
+    (copied,) = (out / "sweep" / "heads").iterdir()
+    assert trained.name == copied.name  # the same training identity
+    a, b = (torch.load(d / "head.pt", map_location="cpu", weights_only=False)["state_dict"] for d in (trained, copied))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

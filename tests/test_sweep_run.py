@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -240,22 +241,39 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_ray_client_address_gives_the_same_rows(swept, tiny_store, grid_file, tmp_path):
-    """A real Ray cluster started apart (``ray start --head``) and reached in client mode
-    (``--address ray://HOST:PORT``): the same rows as the local pool."""
+    """A real Ray cluster started apart (``ray start --head``, token authentication on as Ray
+    2.59+ does by default) and reached in client mode (``heads sweep --address ray://HOST:PORT``):
+    without RAY_AUTH_MODE=token the client is refused in one line saying so; with it, the same
+    rows as the local pool."""
     pytest.importorskip("ray")
     ray_cli = Path(sys.executable).with_name("ray")
     gcs, client = _free_port(), _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    token = "roicache-test-token-0123456789abcdef"
+    # A user's shell: none of the RAY_* variables an in-process ray.init (an earlier test) exports.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    # Short: Ray's unix sockets live under it, and a socket path is limited to 107 bytes.
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     started = subprocess.run([str(ray_cli), "start", "--head", f"--port={gcs}", f"--ray-client-server-port={client}",
-                              "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={tmp_path / 'ray'}"],
+                              "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={ray_tmp}"],
                              env=env, capture_output=True, text=True, timeout=180)
+    sweep = [sys.executable, "-c", "from heads.cli import main; main()", "sweep", "--cache", str(tiny_store),
+             "--grid", str(grid_file), "--address", f"ray://127.0.0.1:{client}", "--quiet"]
     try:
         assert started.returncode == 0, started.stderr[-2000:]
-        run = run_sweep(cache=str(tiny_store), grid=load_grid(grid_file), out_dir=tmp_path / "client", jobs=2,
-                        address=f"ray://127.0.0.1:{client}", progress=False)
+        plain = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        refused = subprocess.run([*sweep, "--out", str(tmp_path / "refused")], env=plain, capture_output=True,
+                                 text=True, timeout=300)
+        ran = subprocess.run([*sweep, "--out", str(tmp_path / "client")], env=env, capture_output=True, text=True,
+                             timeout=600)
     finally:
         subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True, timeout=120)
-    one, other = results_of(swept.out_dir), results_of(run.out_dir)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and "RAY_AUTH_MODE=token" in lines[0], refused.stderr[-2000:]
+    assert not (tmp_path / "refused").exists()
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    one, other = results_of(swept.out_dir), results_of(tmp_path / "client")
     assert one.keys() == other.keys() and all(one[t]["rows"] == other[t]["rows"] for t in one)
 
 

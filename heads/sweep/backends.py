@@ -8,7 +8,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import importlib
 import logging
+import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -115,6 +117,18 @@ def _reachable(address: str) -> None:
                           "`ray start --head` and pass its address, or use --address local") from None
 
 
+def _connect_hint(address: str) -> str:
+    """How to fix a failed connection. A client (``ray://``) that reaches the port but is never
+    answered is most often a cluster with token authentication (what ``ray start`` turns on by
+    default since Ray 2.59) and a client without it: Ray's client sends the token only in token
+    mode, and the server then just times the client out."""
+    if address.startswith("ray://") and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return ("if the cluster uses token authentication (`ray start`'s default since Ray 2.59), set "
+                "RAY_AUTH_MODE=token here, with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN; else start one "
+                "with `ray start --head` and pass its address, or use --address local")
+    return "start one with `ray start --head` and pass its address, or use --address local"
+
+
 class RayBackend:
     """Jobs as Ray tasks (one CPU each) on an existing cluster or a local instance."""
 
@@ -131,11 +145,13 @@ class RayBackend:
             if address != "auto":
                 _reachable(address)
             try:
-                self.ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+                with warnings.catch_warnings():  # Ray's own connection warning: the one line below says it
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ConfigError(f"--address {address}: cannot connect to a Ray cluster ({first}); start one with "
-                                  "`ray start --head` and pass its address, or use --address local") from None
+                raise ConfigError(f"--address {address}: cannot connect to a Ray cluster ({first}); "
+                                  f"{_connect_hint(address)}") from None
         self.cache, self.annotations = cache, annotations
         self._train = self.ray.remote(num_cpus=1)(train_in_ray)
         self._orig = self.ray.remote(num_cpus=1)(orig_in_ray)
