@@ -5,7 +5,8 @@ train on any box that can read the store, without the detector checkpoint. Names
 detector-neutral ones heads use: ``fc6.*``, ``fc7.*`` (the two shared fcs) and ``cls.*`` (the
 classifier, rows in store order: classes ``0..C-1`` then background). A detector whose box
 regression is class-specific also leaves its regressor here (``reg.*`` and the ``box_regression``
-attribute; :class:`cache_schema.postprocess.BoxRegression`).
+attribute; :class:`cache_schema.postprocess.BoxRegression`). A cascade's later stages keep
+theirs in ``detector_head/stage<k>/``.
 """
 
 from __future__ import annotations
@@ -19,22 +20,28 @@ GROUP = "detector_head"
 HEAD_KEYS = ("fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias", "cls.weight", "cls.bias")
 
 
-def write_head_weights(store, state: dict[str, np.ndarray]) -> None:
-    """Write ``state`` (float32 arrays keyed by :data:`HEAD_KEYS`) into ``store`` (opened r+)."""
+def _group_path(stage: int) -> str:
+    return GROUP if stage == 0 else f"{GROUP}/stage{int(stage)}"
+
+
+def write_head_weights(store, state: dict[str, np.ndarray], *, stage: int = 0) -> None:
+    """Write ``state`` (float32 arrays keyed by :data:`HEAD_KEYS`) of cascade stage ``stage`` (0
+    for a single-stage detector) into ``store`` (opened r+)."""
     missing = [k for k in HEAD_KEYS if k not in state]
     if missing:
         raise SchemaError(f"detector head weights lack {missing}; the adapter must export {list(HEAD_KEYS)}")
-    group = store.group.require_group(GROUP)
+    group = store.group.require_group(_group_path(stage))
     for key in HEAD_KEYS:
         value = np.ascontiguousarray(state[key], dtype=np.float32)
         arr = group.create_array(name=key, shape=value.shape, chunks=value.shape, dtype=np.float32, overwrite=True)
         arr[...] = value
 
 
-def read_head_weights(store) -> dict[str, np.ndarray]:
-    """The detector head copied at extraction; ``SchemaError`` when the store has none."""
+def read_head_weights(store, *, stage: int = 0) -> dict[str, np.ndarray]:
+    """The detector head (of cascade stage ``stage``) copied at extraction; ``SchemaError`` when
+    the store has none."""
     try:
-        group = store.group[GROUP]
+        group = store.group[_group_path(stage)]
         return {key: np.asarray(group[key][...]) for key in HEAD_KEYS}
     except (KeyError, FileNotFoundError):
         raise SchemaError(

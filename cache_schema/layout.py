@@ -121,6 +121,36 @@ def roi_arrays(*, num_classes: int, with_masks: bool, mask_size: int,
     return out
 
 
+#: Per-RoI arrays of stage ``k >= 1`` of a cascade detector, under ``stages/<k>/`` (rows aligned
+#: with the split's own: row ``r`` of every stage descends from proposal ``r``). Stage 0 is the
+#: split's own ``rois/*`` and ``feat/*`` except its logits: a cascade's ``rois/logits`` and
+#: ``rois/reg_boxes`` hold the detector's *final* outputs (stage logits averaged, last stage's boxes),
+#: so ``stages/0/rois/logits`` keeps stage 0's own.
+STAGE_ROI = ("boxes", "labels", "ious", "gt_index", "logits")
+
+
+def stage_prefix(stage: int) -> str:
+    """Path prefix of a cascade stage's arrays inside a split (``""`` for stage 0's shared ones)."""
+    return f"stages/{int(stage)}/"
+
+
+def stage_arrays(*, num_classes: int, num_stages: int,
+                 levels: dict[str, tuple[int, ...]]) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """The per-stage arrays of a cascade with ``num_stages`` stages (none for ``num_stages <= 1``):
+    ``stages/0/rois/logits`` and, for ``k >= 1``, ``stages/<k>/rois/<STAGE_ROI>`` and
+    ``stages/<k>/feat/<level>``."""
+    out: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+    if num_stages <= 1:
+        return out
+    for k in range(num_stages):
+        for name in ("logits",) if k == 0 else STAGE_ROI:
+            dtype, trailing = _ROI_BASE[name]
+            out[f"{stage_prefix(k)}rois/{name}"] = (np.dtype(dtype), (num_classes + 1,) if trailing is None else trailing)
+        if k:
+            out.update({f"{stage_prefix(k)}feat/{lv}": (FEATURE_DTYPE, tuple(shape)) for lv, shape in levels.items()})
+    return out
+
+
 def split_layout(
     *,
     num_images: int,
@@ -132,8 +162,10 @@ def split_layout(
     mask_size: int,
     image_block: int,
     mask_overlaps: int = 0,
+    num_stages: int = 1,
 ) -> dict[str, ArraySpec]:
-    """Every array of one split, keyed by its path inside the split group."""
+    """Every array of one split, keyed by its path inside the split group (``num_stages`` > 1:
+    a cascade's per-stage arrays too, :func:`stage_arrays`)."""
     n, k = num_images, stride
     specs: dict[str, ArraySpec] = {}
     block = min(image_block, n)
@@ -145,6 +177,7 @@ def split_layout(
     specs["images/done"] = ArraySpec(path="images/done", shape=(n,), chunks=(1,), dtype=np.dtype(np.uint8), kind=KIND_MARK, clevel=None)
     rois = roi_arrays(num_classes=num_classes, with_masks=with_masks, mask_size=mask_size, mask_overlaps=mask_overlaps)
     rois.update({f"feat/{lv}": (FEATURE_DTYPE, tuple(shape)) for lv, shape in levels.items()})
+    rois.update(stage_arrays(num_classes=num_classes, num_stages=num_stages, levels=levels))
     for path, (dtype, trailing) in rois.items():
         # Wide rows (features, masks, logits) are most of the bytes: zstd; narrow ones: fast lz4.
         wide = int(np.prod(trailing, dtype=np.int64)) >= WIDE_ROW

@@ -70,6 +70,9 @@ class DetectorInfo:
             e.g. ``{"fc": (1024,), "pooled": (256, 7, 7)}``.
         num_classes: ``C`` foreground classes.
         postprocess: the detector's test-time detection settings (``None`` in older stores).
+        stage_fg_iou: for a cascade (Cascade R-CNN, HTC), the foreground IoU each stage's RoIs are
+            labelled at (its training assigner's ``pos_iou_thr``), one per stage; empty for a
+            single-stage box head. Its length is the number of stages the store holds.
     """
 
     backend: str
@@ -79,8 +82,13 @@ class DetectorInfo:
     levels: dict[str, tuple[int, ...]]
     num_classes: int
     postprocess: Postprocess | None = None
+    stage_fg_iou: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stage_fg_iou", tuple(float(v) for v in self.stage_fg_iou))
+        if len(self.stage_fg_iou) == 1 or any(not 0.0 < v <= 1.0 for v in self.stage_fg_iou):
+            raise SchemaError(f"detector stage_fg_iou {list(self.stage_fg_iou)}: a cascade records one IoU in (0, 1] "
+                              "per stage (at least two stages); single-stage detectors record none")
         if not self.backend:
             raise SchemaError("detector backend is empty; record e.g. 'torchvision' or 'mmdet'")
         try:
@@ -110,7 +118,13 @@ class DetectorInfo:
             "levels": {k: list(v) for k, v in self.levels.items()},
             "num_classes": self.num_classes,
             **({"postprocess": self.postprocess.to_dict()} if self.postprocess else {}),
+            **({"stage_fg_iou": list(self.stage_fg_iou)} if self.stage_fg_iou else {}),
         }
+
+    @property
+    def num_stages(self) -> int:
+        """Classification stages the store holds (1 unless the detector is a cascade)."""
+        return max(1, len(self.stage_fg_iou))
 
     @classmethod
     def from_dict(cls, d: dict) -> "DetectorInfo":

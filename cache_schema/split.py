@@ -17,7 +17,7 @@ from zarr.core.sync import sync
 
 from cache_schema.chunkio import ChunkFiles, read_marks, run_threaded
 from cache_schema.errors import ChunkError, ConfigError, SchemaError, StoreIncompleteError
-from cache_schema.layout import FEATURE_DTYPE, roi_arrays
+from cache_schema.layout import FEATURE_DTYPE, STAGE_ROI, roi_arrays, stage_arrays, stage_prefix
 from cache_schema.meta import GtTable
 from cache_schema.records import ROI_COLUMNS, RoiSet
 
@@ -34,7 +34,10 @@ class SplitStore:
     Attributes:
         name: split name; ``num_images``: ``I``; ``stride``: ``K``; ``levels``: stored feature
         levels; ``with_masks``; ``mask_size``; ``has_gt_proposals``; ``num_classes``: ``C``;
-        ``mask_overlaps``: GT columns of ``rois/mask_inter`` (0: the split has no mask overlaps).
+        ``mask_overlaps``: GT columns of ``rois/mask_inter`` (0: the split has no mask overlaps);
+        ``num_stages``: classification stages (1 unless the detector is a cascade); ``stage``: the
+        stage this reader reads (``None``: the detector's view — stage 0's RoIs and features
+        with the final logits and boxes; see :meth:`at_stage`).
     """
 
     def __init__(self, *, group: zarr.Group, name: str, owner: "Store") -> None:
@@ -57,6 +60,10 @@ class SplitStore:
         self._level_shapes = {lv: tuple(owner.meta.detector.levels[lv]) for lv in self.levels}
         self._roi_arrays = roi_arrays(num_classes=self.num_classes, with_masks=self.with_masks, mask_size=self.mask_size,
                                       mask_overlaps=self.mask_overlaps)
+        self.num_stages = owner.meta.detector.num_stages
+        self._roi_arrays.update(stage_arrays(num_classes=self.num_classes, num_stages=self.num_stages,
+                                             levels=self._level_shapes))
+        self.stage: int | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._files: dict[str, ChunkFiles | None] = {}
 
@@ -77,6 +84,27 @@ class SplitStore:
         if path not in self._files:
             self._files[path] = ChunkFiles.for_array(self.array(path))
         return self._files[path]
+
+    def at_stage(self, stage: int) -> "SplitStore":
+        """A reader of cascade stage ``stage``'s RoIs: its boxes, labels, IoUs, GT rows, logits and
+        features (row ``r`` of every stage descends from proposal ``r``); other columns and every
+        table are the split's. Stage 0 of a single-stage detector is the split itself."""
+        if not 0 <= int(stage) < self.num_stages:
+            have = "a single-stage detector: only stage 0" if self.num_stages == 1 else f"stages 0..{self.num_stages - 1}"
+            raise ConfigError(f"split {self.name} holds {have}; choose --stage accordingly")
+        view = SplitStore.__new__(SplitStore)
+        view.__dict__.update(self.__dict__)  # shares the opened arrays and chunk readers
+        view.stage = int(stage)
+        return view
+
+    def _stage_path(self, path: str) -> str:
+        """Where this reader's stage keeps ``path`` (``rois/<name>`` or ``feat/<level>``)."""
+        if self.stage is None or self.num_stages == 1:
+            return path
+        group, _, name = path.partition("/")
+        if self.stage == 0:
+            return f"{stage_prefix(0)}{path}" if path == "rois/logits" else path
+        return f"{stage_prefix(self.stage)}{path}" if group == "feat" or name in STAGE_ROI else path
 
     def roi_array_paths(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """Every per-RoI array (``rois/*`` and ``feat/*``) -> (dtype, trailing shape)."""
@@ -219,7 +247,7 @@ class SplitStore:
         if level is not None:
             self._check_level(level)
             paths["features"] = f"feat/{level}"
-        return paths
+        return {field: self._stage_path(path) for field, path in paths.items()}
 
     def select(self, images: np.ndarray | list[int] | None = None, *, require_complete: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(image positions, int64 RoI counts) that :meth:`load` would read; unfinished images are
@@ -337,4 +365,5 @@ class SplitStore:
             yield self._roiset(sel[a:a + images_per_block], counts[a:a + images_per_block], level, columns, device)
 
     def __repr__(self) -> str:
-        return f"SplitStore({self.name!r}, images={self.num_images}, stride={self.stride}, levels={list(self.levels)})"
+        stage = "" if self.stage is None else f", stage={self.stage}"
+        return f"SplitStore({self.name!r}, images={self.num_images}, stride={self.stride}, levels={list(self.levels)}{stage})"

@@ -299,6 +299,7 @@ def _create_split(group: zarr.Group, spec: SplitSpec, meta: StoreMeta) -> None:
         num_images=spec.num_images, stride=spec.stride, num_gt=len(spec.gt), num_classes=meta.num_classes,
         levels={lv: meta.detector.levels[lv] for lv in spec.levels}, with_masks=spec.with_masks,
         mask_size=mask_size, image_block=spec.image_block, mask_overlaps=spec.mask_overlaps,
+        num_stages=meta.detector.num_stages,
     )
     tables = {
         "images/id": spec.image_ids,

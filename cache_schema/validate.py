@@ -204,7 +204,7 @@ class _Checker:
                 num_images=int(attrs["num_images"]), stride=int(attrs["roi_stride"]), num_gt=int(attrs["num_gt"]),
                 num_classes=self.meta.num_classes, levels={lv: self.meta.detector.levels[lv] for lv in attrs["levels"]},
                 with_masks=bool(attrs["with_masks"]), mask_size=int(attrs["mask_size"]), image_block=int(attrs["image_block"]),
-                mask_overlaps=int(attrs.get("mask_overlaps", 0)),
+                mask_overlaps=int(attrs.get("mask_overlaps", 0)), num_stages=self.meta.detector.num_stages,
             )
         except (KeyError, TypeError, ValueError) as exc:
             self.problems.append(f"{name}: split group or its attributes are missing or malformed ({exc}); re-extract the store")

@@ -38,6 +38,7 @@ from cache_schema.runtime import check_output, configure_threads, pick_device, s
 from extract.datasets.images import read_rgb
 from extract.datasets.lvis_json import AnnotationSet, check_images_exist, class_statistics, load_annotations, resolve_split
 from cache_schema.head_init import write_box_regression, write_head_weights
+from cache_schema.layout import stage_prefix
 from cache_schema.eval_gt import write_eval_gt
 from cache_schema.inputs import relative_to_store
 from extract.detectors.backends import check_class_table, load_adapter
@@ -147,7 +148,7 @@ def _meta(adapter: DetectorAdapter, ckpt: Path, inputs: list[_SplitInput], confi
     desc = adapter.describe()
     detector = DetectorInfo(backend=desc["backend"], arch=desc["arch"], checkpoint_sha256=desc["checkpoint_sha256"],
                             checkpoint_path=str(ckpt), levels=dict(adapter.levels), num_classes=adapter.num_classes,
-                            postprocess=adapter.postprocess)
+                            postprocess=adapter.postprocess, stage_fg_iou=adapter.stage_fg_iou)
     dataset = DatasetInfo(
         # Absolute paths plus the json's path relative to the store: the store is read from other
         # directories and moved with its dataset (cache_schema.inputs).
@@ -208,7 +209,8 @@ def _open_or_create(out: str, meta: StoreMeta, adapter: DetectorAdapter, inputs:
         s.name == "train" for s in inputs) else class_statistics(inputs[0].annset)
     store = create_store(out, meta=meta, classes=classes, overwrite=overwrite,
                          splits=[_split_spec(s, config, rois_per_image, keeps_masks(s.name, adapter)) for s in inputs])
-    write_head_weights(store, adapter.head_state())
+    for stage in range(max(1, len(adapter.stage_fg_iou))):
+        write_head_weights(store, adapter.head_state(stage), stage=stage)
     reg = adapter.box_regression()
     if reg is not None:
         write_box_regression(store, reg)
@@ -232,8 +234,24 @@ def _wait_for_store(out: str, meta: StoreMeta, timeout_s: float) -> Store:
         time.sleep(1.0)
 
 
+def _stage_arrays(out, s: _SplitInput, rows: np.ndarray, stage_fg_iou: tuple[float, ...], levels: tuple[str, ...],
+                  num_classes: int) -> dict[str, np.ndarray]:
+    """A cascade's per-stage arrays of one image (cache_schema.layout.stage_arrays): stage ``k``'s
+    RoIs matched at its own foreground IoU, as its training assigner labels them."""
+    arrays = {f"{stage_prefix(0)}rois/logits": out.stages[0].logits}
+    for k, (stage, fg_iou) in enumerate(zip(out.stages, stage_fg_iou)):
+        if k == 0:
+            continue
+        m = match_rois(rois=stage.boxes, gt_boxes=s.gt.boxes[rows], gt_labels=s.gt.labels[rows], gt_rows=rows,
+                       num_classes=num_classes, fg_iou=fg_iou)
+        values = {"boxes": stage.boxes, "labels": m.labels, "ious": m.ious, "gt_index": m.gt_index, "logits": stage.logits}
+        arrays.update({f"{stage_prefix(k)}rois/{name}": v for name, v in values.items()})
+        arrays.update({f"{stage_prefix(k)}feat/{lv}": stage.features[lv] for lv in levels})
+    return arrays
+
+
 def _write_batch(split, s: _SplitInput, group: list[int], outputs: list, config: ExtractConfig,
-                 num_classes: int, with_masks: bool) -> None:
+                 num_classes: int, with_masks: bool, stage_fg_iou: tuple[float, ...] = ()) -> None:
     """Label one batch's RoIs by IoU matching and write each image (done mark last)."""
     for p, out in zip(group, outputs):
         rows = s.gt_rows_of_image[p]
@@ -243,6 +261,8 @@ def _write_batch(split, s: _SplitInput, group: list[int], outputs: list, config:
                   "rois/labels": m.labels, "rois/ious": m.ious, "rois/gt_index": m.gt_index,
                   "rois/logits": out.logits, "rois/reg_boxes": out.reg_boxes}
         arrays.update({f"feat/{lv}": out.features[lv] for lv in config.levels})
+        if stage_fg_iou:
+            arrays.update(_stage_arrays(out, s, rows, stage_fg_iou, config.levels, num_classes))
         if with_masks:
             arrays["rois/mask_logits"] = out.mask_logits
         if split.mask_overlaps:
@@ -276,7 +296,8 @@ def _run_split(store: Store, s: _SplitInput, adapter: DetectorAdapter, config: E
                                   levels=config.levels, max_proposals=rois_per_image, with_masks=with_masks)
             if pending is not None:
                 pending.result()
-            pending = writer.submit(_write_batch, split, s, group, outputs, config, adapter.num_classes, with_masks)
+            pending = writer.submit(_write_batch, split, s, group, outputs, config, adapter.num_classes, with_masks,
+                                    adapter.stage_fg_iou)
             images_written += len(group)
             rois_written += sum(len(o) for o in outputs)
             progress.advance(images=len(group), rois=sum(len(o) for o in outputs))

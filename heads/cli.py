@@ -53,6 +53,7 @@ def train(
     sampler: str = typer.Option(None, help="random | class_balanced | bilevel | rfs"),
     loss: str = typer.Option(None, help="ce | reweight | focal | margin | gumbel | gol"),
     head: str = typer.Option(None, help="3fc_ft | 2fc_rand | 3fc_rand | lastfc | last2fc | ncm"),
+    stage: int = typer.Option(None, help="head.stage: the cascade stage (Cascade R-CNN / HTC) whose classifier to retrain; 0 otherwise."),
     steps: int = typer.Option(None, help="Optimiser steps (SimCal: 12000)."),
     lr: float = typer.Option(None, help="Learning rate (SimCal: 0.01)."),
     milestones: str = typer.Option(None, help="Steps where lr ×0.1, comma-separated (SimCal: 8000,11000)."),
@@ -71,7 +72,7 @@ def train(
 ) -> None:
     """Train or calibrate a classification head from the cache (SimCal: --sampler bilevel --head 3fc_ft)."""
     overrides = _overrides(**{
-        "sampler.name": sampler, "loss.name": loss, "head.name": head, "schedule.max_steps": steps,
+        "sampler.name": sampler, "loss.name": loss, "head.name": head, "head.stage": stage, "schedule.max_steps": steps,
         "schedule.lr": lr, "schedule.milestones": milestones, "run.seed": seed, "run.device": device,
         "run.threads": threads, "combine.rule": combine, "combine.T": T, "combine.boundary": boundary,
         "combine.thr": thr, "combine.scale_ratio": scale_ratio,
@@ -95,7 +96,8 @@ def train(
 @friendly_errors
 def evaluate(
     cache: str = typer.Option(..., help="Store path or URL."),
-    head: Path = typer.Option(None, help="Run directory (or head.pt) from `heads train`; omit for the original head only."),
+    head: list[Path] = typer.Option(None, help="Run directory (or head.pt) from `heads train`; omit for the original head "
+                                              "only. For a cascade, once per retrained stage (others keep the detector's)."),
     combine: str = typer.Option("orig,cal-only,sel", help="Comma-separated: orig, cal-only, avg, sel, sel-thr, sel-scale, sel-norm, det."),
     T: float = typer.Option(None, "--T", help=_recorded("T")),
     boundary: str = typer.Option(None, help=_recorded("boundary")),
@@ -111,8 +113,9 @@ def evaluate(
     annotations: list[str] = typer.Option(None, "--annotations", help="SPLIT=PATH: the val json when it is not where the store recorded it."),
 ) -> None:
     """Cached evaluation: score the store's val RoIs, combine heads, LVIS AP table."""
-    base = head_combination(head).override(T=T, boundary=boundary, thr=thr, scale_ratio=scale_ratio)
-    outcome = evaluate_from_store(cache=cache, head=head, combinations=base.per_rule(_rules(combine)), out_dir=out,
+    heads = tuple(head or ())
+    base = head_combination(heads[0] if heads else None).override(T=T, boundary=boundary, thr=thr, scale_ratio=scale_ratio)
+    outcome = evaluate_from_store(cache=cache, head=heads or None, combinations=base.per_rule(_rules(combine)), out_dir=out,
                                   bins=_bins(bins), device=device, progress=not quiet, evaluator=evaluator,
                                   annotations=parse_annotations(annotations), overwrite=overwrite)
     _print_outcome(Console(), outcome)

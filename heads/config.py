@@ -96,9 +96,12 @@ class HeadConfig:
     classifier_init: str = "auto"    # auto | detector | loss (see heads.build)
     ncm_metric: str = "cosine"
     ncm_scale: float = 16.0
+    stage: int = 0                   # cascade stage whose classifier the head replaces (0: the only one otherwise)
 
     def __post_init__(self) -> None:
         _choice("head", "name", self.name, HEADS)
+        if self.stage < 0:
+            raise ConfigError(f"head.stage is {self.stage}; stages count from 0")
         _choice("head", "classifier_init", self.classifier_init, ("auto", "detector", "loss"))
         _choice("head", "ncm_metric", self.ncm_metric, ("cosine", "euclidean"))
         if self.hidden < 0 or self.ncm_scale <= 0:

@@ -7,6 +7,7 @@ the cached evaluation; both of those work on in-memory records and know nothing 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,8 +28,8 @@ from heads.evaluation import (BinSpec, LvisEvaluator, Metrics, cached_results, d
 from heads.evaluation.fast_inputs import (OverlapsUnavailable, det_arrays, evaluate_fast, gt_arrays, gt_arrays_from_store,
                                           store_slots)
 from heads.evaluation.fast_lvis import GtArrays
-from heads.evaluation.inputs import EvalInputs, SharedGt
-from heads.evaluation.scoring import LoadedHead, head_level, load_head_matching, score_rois
+from heads.evaluation.inputs import EvalInputs, SharedGt, feature_key
+from heads.evaluation.scoring import LoadedHead, calibrated_probs, head_features, load_head_matching
 from heads.models import level_for_head, load_head
 from heads.sources import InMemoryRoiSource, StreamingRoiSource
 from heads.train import TrainResult, train_head
@@ -63,11 +64,12 @@ def store_identity(store: Store) -> dict:
     }
 
 
-def head_meta(store: Store, level: str) -> dict:
-    """The provenance a head trained on ``store`` at ``level`` keeps in ``head.pt`` (``heads train``,
-    ``heads sweep``). Dual-head inference needs the training instance counts; recorded with the
-    head, `serve inject` works without the store."""
-    return {"store": store_identity(store), "store_path": store.path, "level": level,
+def head_meta(store: Store, level: str, stage: int = 0) -> dict:
+    """The provenance a head trained on ``store`` at ``level`` (of cascade stage ``stage``) keeps in
+    ``head.pt`` (``heads train``, ``heads sweep``). Dual-head inference needs the training instance
+    counts; recorded with the head, `serve inject` works without the store."""
+    return {"store": store_identity(store), "store_path": store.path, "level": level, "stage": int(stage),
+            "num_stages": store.meta.detector.num_stages,
             "instance_count": [int(v) for v in store.classes.instance_count]}
 
 
@@ -83,13 +85,14 @@ def available_memory_bytes() -> int:
     return 8 << 30
 
 
-def choose_source(store: Store, level: str, *, stream: str) -> InMemoryRoiSource | StreamingRoiSource:
-    """The train RoIs at ``level``: loaded whole when they fit in half the free memory (or
-    ``stream="never"``), streamed per image block otherwise (or ``stream="always"``). The same
-    seed gives the same result either way (the sampler only sees row indices)."""
+def choose_source(store: Store, level: str, *, stream: str, stage: int = 0) -> InMemoryRoiSource | StreamingRoiSource:
+    """The train RoIs at ``level`` (of cascade stage ``stage``): loaded whole when they fit in half
+    the free memory (or ``stream="never"``), streamed per image block otherwise (or
+    ``stream="always"``). The same seed gives the same result either way (the sampler only sees
+    row indices)."""
     if stream not in ("auto", "always", "never"):
         raise ConfigError(f"--stream {stream!r} is not one of auto, always, never")
-    split = store.split("train")
+    split = store.split("train").at_stage(stage)
     c = store.meta.num_classes
     fits = split.nbytes(level) < available_memory_bytes() // 2
     if stream == "always" or (stream == "auto" and not fits):
@@ -109,11 +112,13 @@ def train_from_store(*, cache: str, config: TrainConfig, out_dir: Path, stream: 
             f"head {config.head.name} needs the '{level}' level, store {store.path} holds "
             f"{', '.join(store.split('train').levels) or 'none'}; re-extract with --levels {level}"
         )
-    init_state = read_head_weights(store) if config.head.name in FROM_DETECTOR else None
-    val = store.split("val").load(level=level) if "val" in store.splits else None
-    return train_head(config=config, source=choose_source(store, level, stream=stream), class_info=store.classes,
+    stage = config.head.stage
+    source = choose_source(store, level, stream=stream, stage=stage)  # refuses a stage the store lacks
+    init_state = read_head_weights(store, stage=stage) if config.head.name in FROM_DETECTOR else None
+    val = store.split("val").at_stage(stage).load(level=level) if "val" in store.splits else None
+    return train_head(config=config, source=source, class_info=store.classes,
                       init_state=init_state, out_dir=out_dir, val=val, device=device, progress=progress,
-                      init_from=store.meta.detector.checkpoint_sha256, meta=head_meta(store, level))
+                      init_from=store.meta.detector.checkpoint_sha256, meta=head_meta(store, level, stage))
 
 
 def load_head_for(store: Store, head_path: Path) -> LoadedHead:
@@ -256,11 +261,13 @@ def _check_combinations(combinations: tuple[Combination, ...], *, has_head: bool
         raise ConfigError("combine schemes other than 'orig' need a head: pass --head RUN_DIR")
 
 
-def load_eval_inputs(store: Store, *, levels: tuple[str, ...] = (), evaluator: str = "auto",
+def load_eval_inputs(store: Store, *, levels: tuple[str | tuple[str, int], ...] = (), evaluator: str = "auto",
                      annotations: dict[str, Path] | None = None) -> EvalInputs:
     """Everything :func:`evaluate_with_inputs` reads from ``store``'s val split, for heads that
-    read the feature ``levels`` (none: the original head only; the :data:`BOX_LEVEL` is added for
-    a class-specific box regressor). ``evaluator``, ``annotations``: as :func:`evaluate_from_store`."""
+    read the feature ``levels`` (a level name, or ``(level, stage)`` for a cascade stage's; none:
+    the original head only; the :data:`BOX_LEVEL` is added for a class-specific box regressor).
+    A cascade's store also gives every stage's own logits. ``evaluator``, ``annotations``: as
+    :func:`evaluate_from_store`."""
     if evaluator not in EVALUATORS:
         raise ConfigError(f"unknown evaluator {evaluator!r}; choose from {', '.join(EVALUATORS)}")
     if "val" not in store.splits:
@@ -275,12 +282,15 @@ def load_eval_inputs(store: Store, *, levels: tuple[str, ...] = (), evaluator: s
             f"--levels {','.join((BOX_LEVEL, *split.levels))}")
     image_ids = evaluated_image_ids_of(split)
     fast_gt, note = _fast_ground_truth(store, gt_json, evaluator, image_ids, class_specific=reg is not None)
+    wanted = [(lv, 0) if isinstance(lv, str) else (str(lv[0]), int(lv[1])) for lv in levels]
     features = {}
     # Features before the other columns: their NaN check comes first, as when both were read together.
-    for lv in dict.fromkeys((*levels, *((BOX_LEVEL,) if reg is not None else ()))):
-        rois = split.load(level=lv)
+    for lv, stage in dict.fromkeys((*wanted, *(((BOX_LEVEL, 0),) if reg is not None else ()))):
+        rois = split.at_stage(stage).load(level=lv)
         require_finite(rois, store=store, split="val", level=lv)
-        features[lv] = rois.features
+        features[feature_key(lv, stage)] = rois.features
+    stages = split.num_stages
+    stage_logits = tuple(split.at_stage(k).load(columns=("logits",)).logits for k in range(stages)) if stages > 1 else ()
     val = val_split_for_eval(store, None, overlaps=fast_gt is not None and split.mask_overlaps > 0,
                              class_boxes=reg is not None)
     return EvalInputs(store_path=store.path, store_identity=store_identity(store), evaluator=evaluator, roiset=val,
@@ -288,10 +298,17 @@ def load_eval_inputs(store: Store, *, levels: tuple[str, ...] = (), evaluator: s
                       image_sizes=torch.tensor(split.image_sizes),  # copies: the split's arrays stay its own
                       evaluated_ids=tuple(image_ids), gt=SharedGt.of(fast_gt) if fast_gt is not None else None,
                       gt_json=gt_json, evaluator_note=note, notes=_store_notes(store, reg is not None),
-                      postprocess=eval_postprocess(store), box_regression=reg)
+                      postprocess=eval_postprocess(store), box_regression=reg, stage_logits=stage_logits)
 
 
-def evaluate_from_store(*, cache: str, head: Path | None, combinations: tuple[Combination, ...],
+def _head_paths(head: Path | Sequence[Path] | None) -> tuple[Path, ...]:
+    """``--head`` given once or once per cascade stage."""
+    if head is None:
+        return ()
+    return (Path(head),) if isinstance(head, (str, Path)) else tuple(Path(h) for h in head)
+
+
+def evaluate_from_store(*, cache: str, head: Path | Sequence[Path] | None, combinations: tuple[Combination, ...],
                         out_dir: Path | None, bins: BinSpec | None = None, device: str | None = None,
                         progress: bool = True, evaluator: str = "auto", annotations: dict[str, Path] | None = None,
                         overwrite: bool = True) -> EvalOutcome:
@@ -318,33 +335,33 @@ def evaluate_from_store(*, cache: str, head: Path | None, combinations: tuple[Co
     """
     if out_dir is not None:
         out_dir = check_output(out_dir, kind="dir", overwrite=overwrite, marker="eval_summary.json")  # before any work
-    _check_combinations(combinations, has_head=head is not None)
+    paths = _head_paths(head)
+    _check_combinations(combinations, has_head=bool(paths))
     store = open_store(cache)  # (load_eval_inputs checks the evaluator before reading anything)
-    loaded = load_head_for(store, head) if head is not None else None
-    inputs = load_eval_inputs(store, levels=(head_level(loaded),) if loaded else (), evaluator=evaluator,
-                              annotations=annotations)
+    loaded = tuple(load_head_for(store, p) for p in paths)
+    inputs = load_eval_inputs(store, levels=head_features(loaded), evaluator=evaluator, annotations=annotations)
     return _evaluate(inputs, loaded, combinations, out_dir=out_dir, bins=bins, device=device, progress=progress)
 
 
-def evaluate_with_inputs(*, inputs: EvalInputs, head: Path | None, combinations: tuple[Combination, ...],
-                         out_dir: Path | None, bins: BinSpec | None = None, device: str | None = None,
-                         progress: bool = True, overwrite: bool = True) -> EvalOutcome:
+def evaluate_with_inputs(*, inputs: EvalInputs, head: Path | Sequence[Path] | None,
+                         combinations: tuple[Combination, ...], out_dir: Path | None, bins: BinSpec | None = None,
+                         device: str | None = None, progress: bool = True, overwrite: bool = True) -> EvalOutcome:
     """:func:`evaluate_from_store` on val inputs loaded once (:func:`load_eval_inputs`, with the
     level ``head`` reads): the same rows, without reading the store; the head is checked against
     the store identity the inputs recorded."""
     if out_dir is not None:
         out_dir = check_output(out_dir, kind="dir", overwrite=overwrite, marker="eval_summary.json")
-    loaded = (load_head_matching(head, identity=inputs.store_identity, store_path=inputs.store_path)
-              if head is not None else None)
-    _check_combinations(combinations, has_head=loaded is not None)
+    loaded = tuple(load_head_matching(p, identity=inputs.store_identity, store_path=inputs.store_path)
+                   for p in _head_paths(head))
+    _check_combinations(combinations, has_head=bool(loaded))
     return _evaluate(inputs, loaded, combinations, out_dir=out_dir, bins=bins, device=device, progress=progress)
 
 
-def _evaluate(inputs: EvalInputs, loaded: LoadedHead | None, combinations: tuple[Combination, ...], *,
+def _evaluate(inputs: EvalInputs, loaded: tuple[LoadedHead, ...], combinations: tuple[Combination, ...], *,
               out_dir: Path | None, bins: BinSpec | None, device: str | None, progress: bool) -> EvalOutcome:
     """The rows of ``combinations`` on ``inputs`` (see :func:`evaluate_from_store`)."""
-    val = inputs.rois(head_level(loaded) if loaded else None)
-    probs = score_rois(loaded, val.features, device=pick_device(device)) if loaded else None
+    val = inputs.rois(None)
+    probs = calibrated_probs(inputs, loaded, pick_device(device)) if loaded else None
     post, reg, fast_gt = inputs.postprocess, inputs.box_regression, inputs.fast_gt
     tables = dict(roiset=val, class_info=inputs.class_info, image_ids=inputs.position_ids.numpy(),
                   image_sizes=inputs.image_sizes.numpy())

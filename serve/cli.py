@@ -37,7 +37,8 @@ def _floats(text: str | None) -> tuple[float, ...]:
 @friendly_errors
 def inject_command(
     ckpt: Path = typer.Option(..., help="Original detector checkpoint."),
-    head: Path = typer.Option(..., help="Run directory (or head.pt) from `heads train`."),
+    head: list[Path] = typer.Option(..., help="Run directory (or head.pt) from `heads train`; for a cascade, once per "
+                                              "retrained stage (`heads train --stage k`)."),
     out: Path = typer.Option(..., help="New checkpoint to write."),
     combine: str = typer.Option(None, help="sel | cal-only | avg | sel-thr | sel-scale | sel-norm | det | orig | replace "
                                            "(default: the head run's recorded combine.rule, else sel)."),
@@ -52,7 +53,7 @@ def inject_command(
     """Write a detector checkpoint carrying the calibrated head and the combination rule."""
     from serve.inject import REPLACE, inject, injection_combination
 
-    combination = injection_combination(head=head, combine=combine, T=T, boundary=boundary, thr=thr,
+    combination = injection_combination(head=head[0], combine=combine, T=T, boundary=boundary, thr=thr,
                                         scale_ratio=scale_ratio)
     path = inject(ckpt=ckpt, head=head, out=out, combination=combination, config=config, overwrite=overwrite)
     Console().print(f"wrote {path} ({REPLACE if combination == REPLACE else _describe(combination)})")

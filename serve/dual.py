@@ -19,6 +19,7 @@ from extract.detectors.backends import load_adapter, read_checkpoint
 from extract.detectors.base import MaskRequest, RoiOutputs
 from heads.combine import Combination, get_rule
 from heads.evaluation import Detections, assemble_detection_arrays, to_results
+from heads.evaluation.scoring import cascade_probs
 from heads.models import head_from_state, head_scores
 from serve.inject import Calibration, read_calibration
 
@@ -56,16 +57,17 @@ class DualHeadDetector:
         ids = [c["id"] for c in self.adapter.categories]
         self.category_ids: tuple[int, ...] | None = None if None in ids else tuple(int(i) for i in ids)
         self.calibration: Calibration | None = read_calibration(payload)
-        self.head = None
+        # stage -> (spec, module) of each calibrated head (one at stage 0 unless a cascade).
+        self.heads: dict[int, tuple] = {}
         if self.calibration is not None:
-            spec = self.calibration.spec
-            self.head = head_from_state(spec, self.calibration.state_dict, where=f"{self.path} calibration").to(device)
+            stages = max(1, len(self.adapter.stage_fg_iou))
+            for h in self.calibration.heads:
+                if h.stage >= stages:
+                    raise ConfigError(f"{self.path} carries a head for stage {h.stage}, the detector has {stages} stage(s)")
+                module = head_from_state(h.spec, h.state_dict, where=f"{self.path} calibration (stage {h.stage})")
+                self.heads[h.stage] = (h.spec, module.to(device))
         # The injected combination; a plain detector has the original head only.
         self.default = self.calibration.combination if self.calibration else Combination(rule="orig")
-
-    @property
-    def level(self) -> str | None:
-        return None if self.calibration is None else self.calibration.spec.level
 
     def check(self, combination: Combination) -> None:
         if combination.rule != "orig" and self.calibration is None:
@@ -94,7 +96,7 @@ class DualHeadDetector:
 
         def select(out: RoiOutputs, image_size: tuple[int, int]) -> MaskRequest:
             dets = tuple(self.detect(out, c, image_size, max_dets=max_dets) for c in combinations)
-            request = _mask_request(dets, per_class=out.class_boxes is not None)
+            request = _mask_request(dets, per_class=not self.adapter.class_agnostic_mask)
             # The adapter returns ``out`` with masks added and every other array shared, so the
             # logits array identifies the image; holding it keeps its id from being reused.
             found[id(out.logits)] = (out.logits, dets, request)
@@ -105,7 +107,7 @@ class DualHeadDetector:
         return [Inferred(out=o, dets=found[id(o.logits)][1], request=found[id(o.logits)][2]) for o in outs]
 
     def _levels(self) -> tuple[str, ...]:
-        return (self.level,) if self.level else ("fc",)
+        return tuple(dict.fromkeys(spec.level for spec, _ in self.heads.values())) or ("fc",)
 
     def detect(self, out: RoiOutputs, combination: Combination, image_size: tuple[int, int], *,
                max_dets: int = 300) -> Detections:
@@ -138,10 +140,16 @@ class DualHeadDetector:
         """``(p_orig, p_cal)``, each float32 ``[R, C+1]`` (background last); ``p_cal`` is None
         for a plain detector."""
         p_orig = torch.softmax(torch.from_numpy(out.logits).float(), dim=1)
-        if self.head is None:
+        if not self.heads:
             return p_orig, None
-        x = torch.from_numpy(out.features[self.level]).to(self.device).float()
-        return p_orig, head_scores(self.calibration.spec, self.head(x)).float().cpu()
+        if out.stages is None:
+            spec, head = self.heads[0]
+            x = torch.from_numpy(out.features[spec.level]).to(self.device).float()
+            return p_orig, head_scores(spec, head(x)).float().cpu()
+        # A cascade: retrained stages' logits replace the detector's own before the stage average.
+        retrained = {k: head(torch.from_numpy(out.stages[k].features[spec.level]).to(self.device).float()).float().cpu()
+                     for k, (spec, head) in self.heads.items()}
+        return p_orig, cascade_probs(tuple(torch.from_numpy(st.logits) for st in out.stages), retrained)
 
     def scores(self, out: RoiOutputs, combination: Combination) -> tuple[torch.Tensor, ...]:
         """Combined foreground scores: one ``[R, C]`` tensor (two for ``det``)."""

@@ -18,6 +18,7 @@ surgery; this module only decides what goes in.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,6 +29,7 @@ from extract.datasets.lvis_json import class_statistics, load_annotations
 from extract.detectors.backends import backend_of, read_checkpoint
 from extract.detectors.checkpoint import atomic_torch_save
 from heads.combine import RULES, Combination, recorded_combination
+from heads.losses import GUMBEL_LOSSES
 from heads.models import HeadSpec, load_head
 
 CALIBRATION_KEY = "calibration"
@@ -37,41 +39,75 @@ REPLACE = "replace"
 
 
 @dataclass(frozen=True, kw_only=True)
+class CalibratedHead:
+    """One trained head of an injected checkpoint.
+
+    Attributes:
+        stage: the cascade stage whose classifier it retrains (0 for a single-stage detector).
+        spec: the head's :class:`heads.models.HeadSpec`; ``state_dict``: its weights.
+        head_meta: the head's provenance (store identity, config, seed, level, stage).
+    """
+
+    stage: int
+    spec: HeadSpec
+    state_dict: dict
+    head_meta: dict
+
+    def to_payload(self) -> dict:
+        return {"stage": self.stage, "spec": self.spec.to_dict(), "state_dict": self.state_dict,
+                "head_meta": self.head_meta}
+
+    @classmethod
+    def from_payload(cls, d: dict) -> "CalibratedHead":
+        return cls(stage=int(d.get("stage", 0)), spec=HeadSpec.from_dict(d["spec"]), state_dict=d["state_dict"],
+                   head_meta=d.get("head_meta", {}))
+
+
+@dataclass(frozen=True, kw_only=True)
 class Calibration:
     """The calibration record of an injected checkpoint.
 
     Attributes:
         combination: the rule and its settings the checkpoint runs by default.
-        instance_count: ``C`` training instance counts (from the head's store).
-        spec: the head's :class:`heads.models.HeadSpec`.
-        state_dict: the head's weights.
-        head_meta: the head's provenance (store identity, config, seed).
+        instance_count: ``C`` training instance counts (from the heads' store).
+        heads: the trained heads, one per retrained stage (one stage-0 head for a single-stage
+            detector; a cascade's stages without one keep the detector's classifier).
     """
 
     combination: Combination
     instance_count: tuple[int, ...]
-    spec: HeadSpec
-    state_dict: dict
-    head_meta: dict
+    heads: tuple[CalibratedHead, ...]
 
     def __post_init__(self) -> None:
         if not isinstance(self.combination, Combination):
             raise ConfigError(f"calibration: combination must be a heads.combine.Combination, got {self.combination!r}")
-        if len(self.instance_count) != self.spec.num_classes:
+        stages = [h.stage for h in self.heads]
+        if not stages or len(set(stages)) != len(stages) or min(stages) < 0:
+            raise CheckpointError(f"calibration record: heads of stages {stages}; one head per stage is required")
+        if any(len(self.instance_count) != h.spec.num_classes for h in self.heads):
             raise CheckpointError("calibration record: instance counts and head classes differ; re-inject")
 
+    @property
+    def by_stage(self) -> dict[int, CalibratedHead]:
+        return {h.stage: h for h in self.heads}
+
     def to_payload(self) -> dict:
-        return {"combination": self.combination.to_dict(), "instance_count": list(self.instance_count),
-                "spec": self.spec.to_dict(), "state_dict": self.state_dict, "head_meta": self.head_meta}
+        """The checkpoint's ``calibration`` entry: one stage-0 head in the flat layout earlier
+        roicache versions wrote (and read), several in a ``heads`` list."""
+        out = {"combination": self.combination.to_dict(), "instance_count": list(self.instance_count)}
+        if len(self.heads) == 1 and self.heads[0].stage == 0:
+            return {**out, **{k: v for k, v in self.heads[0].to_payload().items() if k != "stage"}}
+        return {**out, "heads": [h.to_payload() for h in self.heads]}
 
     @classmethod
     def from_payload(cls, d: dict) -> "Calibration":
         """The record :meth:`to_payload` wrote, or one of an older roicache (see
         :func:`combination_of_record`); anything malformed is a :class:`CheckpointError`."""
         try:
-            return cls(combination=combination_of_record(d),
-                       instance_count=tuple(int(v) for v in d["instance_count"]), spec=HeadSpec.from_dict(d["spec"]),
-                       state_dict=d["state_dict"], head_meta=d.get("head_meta", {}))
+            heads = tuple(CalibratedHead.from_payload(h) for h in d["heads"]) if "heads" in d else \
+                (CalibratedHead.from_payload(d),)
+            return cls(combination=combination_of_record(d), instance_count=tuple(int(v) for v in d["instance_count"]),
+                       heads=heads)
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise CheckpointError(f"calibration record is malformed ({type(exc).__name__}: {exc}); re-inject the head") from None
 
@@ -128,17 +164,50 @@ def _instance_counts(head_meta: dict, num_classes: int) -> tuple[int, ...]:
                           "retrain it with this roicache version")
 
 
-def inject(*, ckpt: Path, head: Path, out: Path, combination: Combination | Literal["replace"] | None = None,
-           config: str | None = None, overwrite: bool = False) -> Path:
+def _head_paths(head: Path | Sequence[Path]) -> tuple[Path, ...]:
+    paths = (Path(head),) if isinstance(head, (str, Path)) else tuple(Path(h) for h in head)
+    if not paths:
+        raise ConfigError("give the head to inject with --head (once per retrained cascade stage)")
+    return tuple(_head_path(p) for p in paths)
+
+
+def _load_heads(paths: tuple[Path, ...], categories: tuple[dict, ...], ckpt: Path) -> list[tuple]:
+    """(path, module, spec, meta, stage) of each head, checked to fit ``ckpt`` and to retrain
+    distinct stages of one detector; a cascade averages stage logits, so softmax heads only."""
+    loaded = []
+    for path in paths:
+        module, spec, meta = load_head(path)
+        _check_head_fits(categories, ckpt, meta, spec, path)
+        loaded.append((path, module, spec, meta, int(meta.get("stage", 0))))
+    stages = [h[4] for h in loaded]
+    if len(set(stages)) != len(stages):
+        raise ConfigError(f"the heads retrain stages {stages}; give one head per cascade stage")
+    cascade = max(int(h[3].get("num_stages", 1)) for h in loaded) > 1
+    if cascade:
+        for path, _, spec, _, _ in loaded:
+            if spec.name != "ncm" and spec.loss in GUMBEL_LOSSES:
+                raise CheckpointError(f"head {path} scores with a {spec.loss} activation; a cascade averages softmax "
+                                      "logits over stages, so retrain its stage with a softmax loss")
+    elif len(loaded) > 1:
+        raise ConfigError(f"{len(loaded)} heads for a single-stage detector; inject one")
+    return loaded
+
+
+def inject(*, ckpt: Path, head: Path | Sequence[Path], out: Path,
+           combination: Combination | Literal["replace"] | None = None, config: str | None = None,
+           overwrite: bool = False) -> Path:
     """Write ``out``: ``ckpt`` with ``head`` injected under ``combination`` (``None``: the head
-    run's recorded ``[combine]``) or, for :data:`REPLACE`, as the detector's classifier.
+    run's recorded ``[combine]``) or, for :data:`REPLACE`, as the detector's classifier. A
+    cascade takes one head per retrained stage (each records its stage); stages without one keep
+    the detector's classifier.
 
     For an mmdet checkpoint and a dual-head rule, also ``out`` with suffix ``.py``: the model's
     config (``config``, else the checkpoint's own) running the rule inside mmdet
     (:mod:`serve.mmdet_dual`)."""
     ckpt, out = Path(ckpt), Path(out)
+    paths = _head_paths(head)
     if combination is None:
-        combination = injection_combination(head=head)
+        combination = injection_combination(head=paths[0])
     if combination != REPLACE and not isinstance(combination, Combination):
         raise ConfigError(f"combination must be a heads.combine.Combination or {REPLACE!r}, got {combination!r}")
     if out.resolve() == ckpt.resolve():
@@ -148,16 +217,19 @@ def inject(*, ckpt: Path, head: Path, out: Path, combination: Combination | Lite
     backend = backend_of(payload, ckpt)
     if CALIBRATION_KEY in payload:
         raise CheckpointError(f"{ckpt} already carries a calibrated head; inject into the original checkpoint")
-    head_path = _head_path(head)
-    module, spec, head_meta = load_head(head_path)
-    _check_head_fits(backend.categories_of(payload), ckpt, head_meta, spec, head_path)
+    loaded = _load_heads(paths, backend.categories_of(payload), ckpt)
     if combination == REPLACE:
-        _check_replaceable(spec)
-        new = backend.replace_classifier(payload, weight=module.cls.weight, bias=module.cls.bias)
+        new = payload
+        for _, module, spec, _, stage in loaded:
+            _check_replaceable(spec)
+            new = backend.replace_classifier(new, weight=module.cls.weight, bias=module.cls.bias, stage=stage)
     else:
-        calib = Calibration(combination=combination, instance_count=_instance_counts(head_meta, spec.num_classes),
-                            spec=spec, state_dict={k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
-                            head_meta=head_meta)
+        first = loaded[0]
+        calib = Calibration(combination=combination, instance_count=_instance_counts(first[3], first[2].num_classes),
+                            heads=tuple(CalibratedHead(stage=stage, spec=spec, head_meta=meta,
+                                                       state_dict={k: v.detach().cpu().clone()
+                                                                   for k, v in module.state_dict().items()})
+                                        for _, module, spec, meta, stage in loaded))
         new = {**payload, CALIBRATION_KEY: calib.to_payload()}
         if backend.backend == "mmdet":
             from extract.detectors.mmdet_config import require_mmdet, resolve_config
@@ -166,13 +238,13 @@ def inject(*, ckpt: Path, head: Path, out: Path, combination: Combination | Lite
             from serve.mmdet_dual import export_dual
 
             cfg, _ = resolve_config(payload, config, path=ckpt)
-            new = export_dual(payload=new, calibration=calib.to_payload(), head=module, cfg=cfg,
-                              config_out=out.with_suffix(".py"))
+            new = export_dual(payload=new, calibration=calib, cfg=cfg, config_out=out.with_suffix(".py"))
     record = None if combination == REPLACE else combination.to_dict()
-    new["meta"] = {**payload.get("meta", {}), "injected": {"head": str(head_path), "head_sha256": sha256_file(head_path),
-                                                           "combine": REPLACE if record is None else record["rule"],
-                                                           "combination": record,
-                                                           "source_checkpoint_sha256": sha256_file(ckpt)}}
+    new["meta"] = {**payload.get("meta", {}), "injected": {
+        "head": str(paths[0]), "head_sha256": sha256_file(paths[0]),
+        "heads": [{"path": str(p), "sha256": sha256_file(p), "stage": h[4]} for p, h in zip(paths, loaded)],
+        "combine": REPLACE if record is None else record["rule"], "combination": record,
+        "source_checkpoint_sha256": sha256_file(ckpt)}}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(new, out)
     return out

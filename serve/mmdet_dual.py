@@ -28,17 +28,19 @@ from mmdet.models.roi_heads.bbox_heads import Shared2FCBBoxHead
 from mmdet.registry import MODELS
 
 from cache_schema.errors import ConfigError
-from extract.detectors.mmdet_config import INJECTED_PREFIX
+from extract.detectors.mmdet_config import injected_prefix
 from heads.combine import get_rule
 from heads.models import HEADS, HeadSpec, head_scores
-from serve.inject import combination_of_record
+from serve.inject import Calibration, combination_of_record
 
 DUAL_HEAD_TYPE = "RoicacheDualBBoxHead"
 
 
 class _RuleActivation:
     """``get_activation`` of the dual head: ``[n, 2(C+1)]`` logits → ``[n, C+1]`` scores.
-    mmdet's box head reads ``custom_cls_channels`` from its ``loss_cls``."""
+    mmdet's box head reads ``custom_cls_channels`` from its ``loss_cls``. A cascade averages its
+    stages' ``[n, 2(C+1)]`` outputs before the last stage's activation, so both halves are the
+    stage-averaged logits of the original and the calibrated classifiers."""
 
     custom_cls_channels = True
 
@@ -49,7 +51,8 @@ class _RuleActivation:
         head = self._head[0]
         c1 = head.num_classes + 1
         p_orig = torch.softmax(scores[:, :c1].float(), dim=1)
-        p_cal = head_scores(head.spec, scores[:, c1:].float())
+        cal = scores[:, c1:].float()
+        p_cal = torch.softmax(cal, dim=1) if head.spec is None else head_scores(head.spec, cal)
         fg = head.rule(p_orig=p_orig, p_cal=p_cal, instance_count=head.instance_count, config=head.combine)[0]
         return torch.cat([fg, p_orig[:, -1:]], dim=1)
 
@@ -59,18 +62,21 @@ class RoicacheDualBBoxHead(Shared2FCBBoxHead):
     """mmdet's ``Shared2FCBBoxHead`` plus a calibrated classifier and a combination rule.
 
     Args:
-        calibration: ``{"spec": HeadSpec dict, "combination": Combination dict (rule, T, boundary,
-            thr, scale_ratio), "instance_count": [C ints]}`` (what ``serve inject`` writes into the
-            config; configs of older versions with top-level ``combine``/``T``/``boundary`` load too).
+        calibration: ``{"spec": HeadSpec dict or None, "combination": Combination dict (rule, T,
+            boundary, thr, scale_ratio), "instance_count": [C ints]}`` (what ``serve inject``
+            writes into the config; configs of older versions with top-level
+            ``combine``/``T``/``boundary`` load too). ``spec`` None: a cascade stage that keeps
+            its own classifier — its "calibrated" half is its own logits again.
     """
 
     def __init__(self, *, calibration: dict, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.spec = HeadSpec.from_dict(calibration["spec"])
+        spec = calibration.get("spec")
+        self.spec = None if spec is None else HeadSpec.from_dict(spec)
         self.combine = combination_of_record(calibration)
         if self.combine.rule == "det":
             raise ConfigError("the det rule merges two detection sets; it cannot run inside mmdet's box head")
-        self.calibrated = HEADS[self.spec.name](spec=self.spec)
+        self.calibrated = None if self.spec is None else HEADS[self.spec.name](spec=self.spec)
         self.rule = get_rule(self.combine.rule)
         self.register_buffer("instance_count", torch.tensor(calibration["instance_count"], dtype=torch.int64),
                              persistent=False)
@@ -84,24 +90,38 @@ class RoicacheDualBBoxHead(Shared2FCBBoxHead):
             raise ConfigError(f"{DUAL_HEAD_TYPE} is for inference; train the original model instead")
         self._fc_input.clear()
         cls_score, bbox_pred = super().forward(x)
+        if self.calibrated is None:
+            return torch.cat([cls_score, cls_score], dim=1), bbox_pred
         feats = self._fc_input[0] if self.spec.level == "fc" else x
         return torch.cat([cls_score, self.calibrated(feats)], dim=1), bbox_pred
 
 
-def export_dual(*, payload: dict, calibration: dict, head: torch.nn.Module, cfg, config_out: Path) -> dict:
-    """The checkpoint payload with the calibrated head's weights added, and (written to
-    ``config_out``) the model's config with :class:`RoicacheDualBBoxHead` as its box head."""
-    if combination_of_record(calibration).rule == "det":
+def export_dual(*, payload: dict, calibration: Calibration, cfg, config_out: Path) -> dict:
+    """The checkpoint payload with the calibrated heads' weights added, and (written to
+    ``config_out``) the model's config with :class:`RoicacheDualBBoxHead` as its box head — as
+    every stage's box head of a cascade, those without a calibrated head keeping their own."""
+    if calibration.combination.rule == "det":
         raise ConfigError("--combine det merges two detection sets and cannot run inside mmdet's box head; "
                           "choose sel, cal-only, avg, sel-thr, sel-scale or sel-norm")
     prefix = "module." if any(k.startswith("module.") for k in payload["state_dict"]) else ""
-    state = dict(payload["state_dict"])
-    state.update({f"{prefix}{INJECTED_PREFIX}{k}": v.detach().cpu().clone() for k, v in head.state_dict().items()})
     dual = cfg.copy()
-    bbox = dict(dual.model.roi_head.bbox_head)
-    # The whole combination (thr, scale_ratio too): sel-thr / sel-scale run in mmdet as in roicache.
-    bbox.update(type=DUAL_HEAD_TYPE, calibration={k: calibration[k] for k in ("spec", "combination", "instance_count")})
-    dual.model.roi_head.bbox_head = bbox
+    roi_head = dual.model.roi_head
+    cascade = isinstance(roi_head.bbox_head, (list, tuple))
+    boxes = list(roi_head.bbox_head) if cascade else [roi_head.bbox_head]
+    heads = calibration.by_stage
+    if max(heads) >= len(boxes):
+        raise ConfigError(f"a head for stage {max(heads)}, but the model has {len(boxes)} box head(s)")
+    state = dict(payload["state_dict"])
+    common = {"combination": calibration.combination.to_dict(), "instance_count": list(calibration.instance_count)}
+    for k, box in enumerate(boxes):
+        head = heads.get(k)
+        if head is not None:
+            where = injected_prefix(k if cascade else None)
+            state.update({f"{prefix}{where}{name}": v.detach().cpu().clone() for name, v in head.state_dict.items()})
+        # The whole combination (thr, scale_ratio too): sel-thr / sel-scale run in mmdet as in roicache.
+        boxes[k] = {**dict(box), "type": DUAL_HEAD_TYPE,
+                    "calibration": {**common, "spec": None if head is None else head.spec.to_dict()}}
+    roi_head.bbox_head = boxes if cascade else boxes[0]
     dual.custom_imports = {"imports": [__name__], "allow_failed_imports": False}
     config_out.parent.mkdir(parents=True, exist_ok=True)
     dual.dump(str(config_out))

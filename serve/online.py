@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cache_schema import Store, open_store
-from cache_schema.errors import StoreMismatchError
+from cache_schema.errors import ConfigError, StoreMismatchError
 from cache_schema.head_init import read_head_weights
 from cache_schema.records import RoiSet
 from cache_schema.runtime import configure_threads, pick_device, sha256_file
@@ -76,6 +76,9 @@ def calibrate_online(*, ckpt: Path, cache: str, config: TrainConfig, out_dir: Pa
     if sha256_file(ckpt) != store.meta.detector.checkpoint_sha256:
         raise StoreMismatchError(f"store {store.path} was extracted with another checkpoint than {ckpt}; "
                                  "use the detector the store was built from")
+    if config.head.stage != 0:
+        raise ConfigError(f"online calibration runs stage-0 heads only; head.stage = {config.head.stage} needs the "
+                          "cached stage RoIs — train it from the store with `heads train --stage`")
     level = level_for_head(config.head.name)
     adapter = load_adapter(ckpt, device=pick_device(device or config.run.device), config=detector_config)
     fetch = DetectorFetch(adapter=adapter, store=store, level=level)

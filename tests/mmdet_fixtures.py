@@ -29,6 +29,7 @@ MMDET_CONFIGS: dict[str, str] = {
     "mask_rcnn": "lvis/mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1.py",
     "faster_rcnn": "faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py",
     "cascade_mask_rcnn": "cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py",
+    "htc": "htc/htc-without-semantic_r50_fpn_1x_coco.py",
     "retinanet": "retinanet/retinanet_r50_fpn_1x_coco.py",
 }
 
@@ -78,8 +79,8 @@ def tiny_mmdet_config(kind: str = "mask_rcnn", num_classes: int = 5,
     """A shrunk copy of one of mmdet's bundled configs.
 
     Args:
-        kind: ``"mask_rcnn"`` (LVIS v1 Mask R-CNN), ``"faster_rcnn"``, ``"cascade_mask_rcnn"``
-            or ``"retinanet"`` (all R50-FPN configs in mmdet, turned into R18 ones).
+        kind: ``"mask_rcnn"`` (LVIS v1 Mask R-CNN), ``"faster_rcnn"``, ``"cascade_mask_rcnn"``,
+            ``"htc"`` (without the semantic branch, as on LVIS) or ``"retinanet"`` (all R50-FPN configs in mmdet, turned into R18 ones).
         num_classes: set in every bbox/mask/dense head (each cascade stage included).
         class_names: the datasets' ``metainfo.classes``; default ``class_0 .. class_{C-1}``.
 
@@ -265,3 +266,20 @@ def tiny_images(dir: str | Path, n: int = 4, seed: int = 0,
         image.save(path)
         paths.append(path)
     return paths
+
+
+def class_names_of(data: str | Path) -> tuple[str, ...]:
+    """Class names of a dataset directory's ``val.json``, in category-id order (what a checkpoint
+    trained on it records)."""
+    import json
+
+    cats = json.loads((Path(data) / "val.json").read_text())["categories"]
+    return tuple(c["name"] for c in sorted(cats, key=lambda c: c["id"]))
+
+
+def val_image_paths(data: str | Path, n: int) -> list[Path]:
+    """The first ``n`` val image files of a dataset directory."""
+    import json
+
+    val = json.loads((Path(data) / "val.json").read_text())
+    return [Path(data) / im["file_name"] for im in val["images"][:n]]

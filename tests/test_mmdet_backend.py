@@ -20,20 +20,16 @@ from extract.datasets.images import read_rgb  # noqa: E402
 from extract.detectors.backends import load_adapter, read_checkpoint  # noqa: E402
 from extract.detectors.base import DetectorAdapter  # noqa: E402
 from extract.writer import ExtractConfig, extract  # noqa: E402
-from tests.mmdet_fixtures import save_mmdet_checkpoint, tiny_mmdet_config  # noqa: E402
+from tests.mmdet_fixtures import (class_names_of, save_mmdet_checkpoint, tiny_mmdet_config,  # noqa: E402
+                                  val_image_paths)
 
 # The detector's own proposal count (rois_per_image None), so cached and full evaluation see the same RoIs.
 EXTRACT = ExtractConfig(levels=("pooled", "fc"), batch_size=4, device="cpu", threads=1)
 
 
-def _class_names(data: Path) -> tuple[str, ...]:
-    cats = json.loads((data / "val.json").read_text())["categories"]
-    return tuple(c["name"] for c in sorted(cats, key=lambda c: c["id"]))
-
-
 @pytest.fixture(scope="module")
 def mm_ckpt(tiny_data, tmp_path_factory) -> Path:
-    names = _class_names(tiny_data)
+    names = class_names_of(tiny_data)
     cfg = tiny_mmdet_config("mask_rcnn", num_classes=len(names))
     return save_mmdet_checkpoint(tmp_path_factory.mktemp("mmdet") / "mask_rcnn.pth", cfg, seed=0, classes=names)
 
@@ -48,11 +44,6 @@ def mm_store(mm_ckpt, tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mm_store") / "store.zarr"
     extract(ckpt=mm_ckpt, data=tiny_data, out=str(out), config=EXTRACT, progress=False)
     return out
-
-
-def _val_images(data: Path, n: int) -> list[Path]:
-    val = json.loads((data / "val.json").read_text())
-    return [data / im["file_name"] for im in val["images"][:n]]
 
 
 def test_protocol_levels_and_postprocess(adapter):
@@ -73,7 +64,7 @@ def test_rois_reproduce_the_models_own_predictions(adapter, tiny_data):
     from mmdet.models.layers import multiclass_nms
 
     post = adapter.postprocess
-    for path in _val_images(tiny_data, 3):
+    for path in val_image_paths(tiny_data, 3):
         out = adapter.run([read_rgb(path)], gt_boxes=None, levels=("fc",), max_proposals=adapter.default_proposals,
                           with_masks=False)[0]
         scores = torch.softmax(torch.from_numpy(out.logits), dim=1)
@@ -145,10 +136,9 @@ def test_replace_injected_checkpoint_loads_in_mmdet_with_the_new_classifier(mm_c
 
 @pytest.mark.parametrize("kind,message", [
     ("retinanet", "is a one-stage detector"),
-    ("cascade_mask_rcnn", "has one classifier per stage"),
 ])
 def test_unsupported_models_are_refused(kind, message, tiny_data, tmp_path):
-    names = _class_names(tiny_data)
+    names = class_names_of(tiny_data)
     ckpt = save_mmdet_checkpoint(tmp_path / f"{kind}.pth", tiny_mmdet_config(kind, num_classes=len(names)),
                                  classes=names)
     with pytest.raises(ConfigError, match=message):
@@ -165,7 +155,7 @@ def test_a_config_that_does_not_match_is_refused(mm_ckpt):
 
 
 def test_classes_that_disagree_with_the_annotation_file_are_refused(tiny_data, tmp_path):
-    names = list(_class_names(tiny_data))
+    names = list(class_names_of(tiny_data))
     names[2] = "not_" + names[2]
     ckpt = save_mmdet_checkpoint(tmp_path / "other.pth", tiny_mmdet_config("mask_rcnn", num_classes=len(names)),
                                  classes=tuple(names))
@@ -182,7 +172,7 @@ def test_a_model_needing_a_missing_compiled_op_is_refused_before_writing(tiny_da
         pytest.skip("full mmcv installed: every compiled op is available")
     from cache_schema.errors import CheckpointError
 
-    names = _class_names(tiny_data)
+    names = class_names_of(tiny_data)
     cfg = tiny_mmdet_config("mask_rcnn", num_classes=len(names))
     # RoIPool instead of RoIAlign: mmcv-lite has no compiled roi_pool.
     cfg.model.roi_head.bbox_roi_extractor.roi_layer = {"type": "RoIPool", "output_size": 7}
@@ -245,7 +235,7 @@ def test_full_inference_equals_mmdets_own_predictions_masks_included(mm_ckpt, ti
     det = DualHeadDetector(path=mm_ckpt, device=torch.device("cpu"))
     det.category_ids = tuple(range(1, det.adapter.num_classes + 1))
     post = det.adapter.postprocess
-    for path in _val_images(tiny_data, 3):
+    for path in val_image_paths(tiny_data, 3):
         img = read_rgb(path)
         inf = det.infer([img], combinations=(Combination(rule="orig"),), max_dets=post.max_dets)[0]
         res = det.results(inf.out, inf.dets[0], image_id=1, image_size=img.shape[:2], request=inf.request)
@@ -325,7 +315,7 @@ def test_dual_head_checkpoint_runs_the_rule_inside_mmdet(combine, head, thr, mm_
     ours = DualHeadDetector(path=out, device=torch.device("cpu"))
     ours.category_ids = tuple(range(ours.adapter.num_classes))
     assert ours.default == Combination(rule=combine, T=T, thr=thr)
-    for path in _val_images(tiny_data, 2):
+    for path in val_image_paths(tiny_data, 2):
         img = read_rgb(path)
         inf = ours.infer([img], combinations=(ours.default,), max_dets=ours.adapter.postprocess.max_dets)[0]
         d = inf.dets[0]

@@ -34,6 +34,7 @@ class TorchvisionAdapter:
 
     backend = "torchvision"
     class_agnostic_box = True
+    stage_fg_iou: tuple[float, ...] = ()  # one box head: not a cascade
 
     def __init__(self, *, detector: LoadedDetector, device: str | torch.device = "cpu") -> None:
         self.detector = detector
@@ -78,19 +79,23 @@ class TorchvisionAdapter:
         return tuple(payload["categories"])
 
     @staticmethod
-    def replace_classifier(payload: dict, *, weight: torch.Tensor, bias: torch.Tensor) -> dict:
+    def replace_classifier(payload: dict, *, weight: torch.Tensor, bias: torch.Tensor, stage: int = 0) -> dict:
         """A plain-torchvision checkpoint of ``payload``'s detector whose classifier is
         ``weight`` float32 ``[C+1, D]`` / ``bias`` ``[C+1]`` (rows in store order, background
         last), loadable into stock ``torchvision.models.detection.MaskRCNN`` without roicache."""
+        if stage != 0:
+            raise ConfigError(f"this torchvision detector has one box head; there is no stage {stage}")
         return replace_torchvision_classifier(payload, weight=weight, bias=bias)
 
     def box_regression(self) -> None:
         """None: this detector's box regression is class-agnostic (``reg_boxes`` serve every class)."""
         return None
 
-    def head_state(self) -> dict[str, np.ndarray]:
+    def head_state(self, stage: int = 0) -> dict[str, np.ndarray]:
         """``fc6``/``fc7``/``cls`` of the box head, float32; torchvision puts background at
         classifier row 0, the store last (mmdet convention), so the rows are rotated ``[1..C, 0]``."""
+        if stage != 0:
+            raise ConfigError(f"this torchvision detector has one box head; there is no stage {stage}")
         head, predictor = self.model.roi_heads.box_head, self.model.roi_heads.box_predictor
         cls_w, cls_b = predictor.cls_score.weight, predictor.cls_score.bias
         order = torch.cat([torch.arange(1, cls_w.shape[0]), torch.zeros(1, dtype=torch.int64)]).to(cls_w.device)

@@ -22,6 +22,29 @@ FEATURE_LEVELS = ("fc", "pooled")
 
 
 @dataclass(frozen=True, kw_only=True)
+class StageRois:
+    """One classification stage of a cascade detector, for the ``R`` RoIs of one image.
+
+    Attributes:
+        boxes: float32 ``[R, 4]`` the RoIs this stage classifies (xyxy, original pixels): the
+            proposals for stage 0, the previous stage's regressed boxes after it.
+        logits: float32 ``[R, C+1]`` this stage's class logits (background last).
+        features: level name -> float32 ``[R, *level_shape]`` of this stage's box head.
+    """
+
+    boxes: np.ndarray
+    logits: np.ndarray
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        r = self.boxes.shape[0]
+        if self.boxes.shape != (r, 4) or self.logits.ndim != 2 or self.logits.shape[0] != r or \
+                any(f.shape[0] != r for f in self.features.values()):
+            raise SchemaError(f"StageRois: boxes {self.boxes.shape}, logits {self.logits.shape} and features "
+                              f"{ {k: v.shape for k, v in self.features.items()} } disagree on the RoI count")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RoiOutputs:
     """Everything the detector computes for the ``R`` RoIs of one image.
 
@@ -43,6 +66,10 @@ class RoiOutputs:
             RoI's box under its highest-scoring class); ``None`` for class-agnostic regression.
         det_masks: for a class-specific mask head asked for a :class:`MaskRequest`: one COCO RLE
             per requested detection (the model's own mask pasting and threshold), else ``None``.
+        stages: for a cascade detector, every stage's RoIs, logits and features (stage 0 first,
+            its boxes and features those above); ``logits`` is then the detector's final score
+            input — the stage logits averaged, as the cascade does — and ``reg_boxes`` the last
+            stage's boxes. ``None`` for a single-stage box head.
     """
 
     boxes: np.ndarray
@@ -54,9 +81,12 @@ class RoiOutputs:
     mask_logits: np.ndarray | None = None
     class_boxes: np.ndarray | None = None
     det_masks: tuple[dict, ...] | None = None
+    stages: tuple[StageRois, ...] | None = None
 
     def __post_init__(self) -> None:
         r = self.boxes.shape[0]
+        if self.stages is not None and (len(self.stages) < 2 or any(len(st.boxes) != r for st in self.stages)):
+            raise SchemaError(f"RoiOutputs.stages: a cascade has >= 2 stages of {r} RoIs each")
         checks = [
             ("boxes", self.boxes, (r, 4), np.float32),
             ("objectness", self.objectness, (r,), np.float32),
@@ -136,6 +166,8 @@ class DetectorAdapter(Protocol):
             when the checkpoint records only names (mmdet): the annotation file supplies the ids.
         default_proposals: RPN proposals the detector keeps per image at test time.
         postprocess: its test-time detection settings.
+        stage_fg_iou: a cascade's per-stage foreground IoU (its training assigners'), one per
+            stage; empty for a single-stage box head (then ``RoiOutputs.stages`` is ``None``).
     """
 
     backend: str
@@ -148,15 +180,17 @@ class DetectorAdapter(Protocol):
     categories: tuple[dict, ...]
     default_proposals: int
     postprocess: Postprocess
+    stage_fg_iou: tuple[float, ...]
 
     def describe(self) -> dict:
         """JSON-safe record of the detector for the store's attributes (backend, arch, sha256...)."""
         ...
 
-    def head_state(self) -> dict[str, np.ndarray]:
+    def head_state(self, stage: int = 0) -> dict[str, np.ndarray]:
         """The box head's classification path in the store's neutral naming, float32:
         ``fc6.*``, ``fc7.*`` (the two shared fcs) and ``cls.*`` (rows: classes ``0..C-1`` then
-        background) — what heads initialised from the detector start from."""
+        background) — what heads initialised from the detector start from; of cascade stage
+        ``stage``."""
         ...
 
     def box_regression(self) -> BoxRegression | None:

@@ -1,4 +1,5 @@
-"""The mmdetection backend of :class:`~extract.detectors.base.DetectorAdapter` (Faster / Mask R-CNN).
+"""The mmdetection backend of :class:`~extract.detectors.base.DetectorAdapter` (Faster / Mask R-CNN,
+Cascade R-CNN, HTC).
 
 One :meth:`MmdetAdapter.run` computes what the model's own ``predict`` computes for its RoIs,
 through the model's own modules: the config's test pipeline and data preprocessor (so the cached
@@ -11,6 +12,12 @@ mmdet's LVIS models regress one box per class; the store keeps the frozen ``fc_r
 (:meth:`box_regression`) instead of 4·C numbers per RoI. Their mask heads are class-specific,
 which the store cannot hold per RoI, so this backend extracts no mask logits (cached evaluation
 gives box AP; mask AP comes from full inference).
+
+Cascades (``CascadeRoIHead``, ``HybridTaskCascadeRoIHead``, class-agnostic refinement only) run
+stage by stage through ``roi_head._bbox_forward(stage, ...)`` as mmdet's ``_refine_roi`` does:
+stage ``k`` classifies stage ``k-1``'s regressed boxes. Every stage's RoIs, features and logits
+go to ``RoiOutputs.stages``; the top-level logits are the stage logits averaged (mmdet's own
+order: summed, then divided), the boxes the last stage's.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from cache_schema.errors import ConfigError
 from cache_schema.postprocess import BoxRegression
 from cache_schema.runtime import sha256_file
 from extract.detectors import mmdet_config as mc
-from extract.detectors.base import FEATURE_LEVELS, MaskRequest, MaskRows, Postprocess, RoiOutputs
+from extract.detectors.base import FEATURE_LEVELS, MaskRequest, MaskRows, Postprocess, RoiOutputs, StageRois
 
 #: Detections whose masks are pasted at once (each is an image-sized bool array).
 MASK_CHUNK = 64
@@ -43,8 +50,15 @@ class MmdetAdapter:
         self.device = torch.device(device)
         self.config_source = config_source
         roi_head = model.roi_head
-        self.bbox_head = roi_head.bbox_head
-        self._check_head()
+        self.stage_fg_iou = mc.stage_fg_iou(cfg)
+        heads = roi_head.bbox_head
+        self.stage_heads = tuple(heads) if self.stage_fg_iou else (heads,)
+        if self.stage_fg_iou and len(self.stage_heads) != len(self.stage_fg_iou):
+            raise ConfigError(f"{path}: {len(self.stage_heads)} box heads for {len(self.stage_fg_iou)} cascade stages in "
+                              "train_cfg.rcnn; the config and the model disagree")
+        self.bbox_head = self.stage_heads[0]
+        for head in self.stage_heads:
+            self._check_head(head)
         self.num_classes = int(self.bbox_head.num_classes)
         if len(class_names) != self.num_classes:
             raise ConfigError(f"{path}: {len(class_names)} class names for a {self.num_classes}-class box head; "
@@ -52,11 +66,13 @@ class MmdetAdapter:
         # mmdet checkpoints record class names, not json ids: the ids come from the annotation file
         # (checked by name when a dataset is attached, extract.writer).
         self.categories = tuple({"id": None, "name": n} for n in class_names)
-        extractor = roi_head.bbox_roi_extractor
+        extractor = roi_head.bbox_roi_extractor[0] if self.stage_fg_iou else roi_head.bbox_roi_extractor
         side = int(extractor.roi_layer.output_size[0]) if hasattr(extractor, "roi_layer") else 7
         self.levels = {"fc": (int(self.bbox_head.fc_cls.in_features),),
                        "pooled": (int(extractor.out_channels), side, side)}
         mask_head = getattr(roi_head, "mask_head", None) if getattr(roi_head, "with_mask", False) else None
+        if isinstance(mask_head, torch.nn.ModuleList):  # a cascade's per-stage mask heads share one size
+            mask_head = mask_head[-1]
         # FCNMaskHead's roi_feat_size is a (h, w) pair; its logits are upsampled scale_factor times.
         self.mask_size = 0 if mask_head is None else int(np.ravel(mask_head.roi_feat_size)[0] * mask_head.scale_factor)
         test = cfg.model.test_cfg
@@ -101,13 +117,16 @@ class MmdetAdapter:
         return tuple({"id": None, "name": n} for n in (mc.class_names(payload) or ()))
 
     @staticmethod
-    def replace_classifier(payload: dict, *, weight: torch.Tensor, bias: torch.Tensor) -> dict:
-        """The checkpoint with ``fc_cls`` replaced by ``weight`` ``[C+1, D]`` / ``bias`` (store
-        order = mmdet's: background last); everything else, meta included, untouched, so plain
-        mmdet (``init_detector``) loads it."""
+    def replace_classifier(payload: dict, *, weight: torch.Tensor, bias: torch.Tensor, stage: int = 0) -> dict:
+        """The checkpoint with ``fc_cls`` (of cascade stage ``stage``) replaced by ``weight``
+        ``[C+1, D]`` / ``bias`` (store order = mmdet's: background last); everything else, meta
+        included, untouched, so plain mmdet (``init_detector``) loads it."""
         state = dict(payload["state_dict"])
         prefix = "module." if any(k.startswith("module.") for k in state) else ""
-        key = f"{prefix}roi_head.bbox_head.fc_cls"
+        cascade = f"{prefix}roi_head.bbox_head.{int(stage)}.fc_cls"
+        key = cascade if f"{cascade}.weight" in state else f"{prefix}roi_head.bbox_head.fc_cls"
+        if stage and key != cascade:
+            raise ConfigError(f"the checkpoint has no cascade stage {stage}; inject a head trained with --stage 0")
         old = state.get(f"{key}.weight")
         if old is None or tuple(old.shape) != tuple(weight.shape):
             got = None if old is None else tuple(old.shape)
@@ -121,7 +140,8 @@ class MmdetAdapter:
     def describe(self) -> dict:
         return {"backend": self.backend, "checkpoint_sha256": self.sha256, "checkpoint_name": self.path.name,
                 "arch": {"model": self.cfg.model.type, "roi_head": self.cfg.model.roi_head.type,
-                         "bbox_head": self.cfg.model.roi_head.bbox_head.type, "num_classes": self.num_classes,
+                         "bbox_head": type(self.bbox_head).__name__, "num_classes": self.num_classes,
+                         "num_stages": len(self.stage_heads),
                          "config_source": self.config_source, "reg_class_agnostic": self.class_agnostic_box,
                          "config": self.cfg.pretty_text},
                 "feature_levels": {k: list(v) for k, v in self.levels.items()}, "num_classes": self.num_classes,
@@ -129,11 +149,14 @@ class MmdetAdapter:
 
     @property
     def class_agnostic_box(self) -> bool:
-        return bool(self.bbox_head.reg_class_agnostic)
+        return all(bool(h.reg_class_agnostic) for h in self.stage_heads)
 
-    def head_state(self) -> dict[str, np.ndarray]:
+    def head_state(self, stage: int = 0) -> dict[str, np.ndarray]:
         """``fc6``/``fc7`` = the two shared fcs, ``cls`` = ``fc_cls`` (background already last)."""
-        fcs, cls = self.bbox_head.shared_fcs, self.bbox_head.fc_cls
+        if not 0 <= stage < len(self.stage_heads):
+            raise ConfigError(f"the detector has {len(self.stage_heads)} classification stage(s); there is no stage {stage}")
+        head = self.stage_heads[stage]
+        fcs, cls = head.shared_fcs, head.fc_cls
         state = {"fc6.weight": fcs[0].weight, "fc6.bias": fcs[0].bias, "fc7.weight": fcs[1].weight,
                  "fc7.bias": fcs[1].bias, "cls.weight": cls.weight, "cls.bias": cls.bias}
         return {k: v.detach().cpu().float().numpy() for k, v in state.items()}
@@ -175,8 +198,8 @@ class MmdetAdapter:
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ internals
-    def _check_head(self) -> None:
-        head = self.bbox_head
+    @staticmethod
+    def _check_head(head) -> None:
         if getattr(head, "custom_cls_channels", False):
             raise ConfigError("this box head uses a custom classification activation (e.g. Seesaw loss); "
                               "roicache reads softmax classifiers so far")
@@ -204,7 +227,7 @@ class MmdetAdapter:
     def _run_batch(self, packed: list[dict], gt_boxes, levels, max_proposals, mask_rows=None) -> list[RoiOutputs]:
         from mmdet.structures.bbox import bbox2roi
 
-        model, roi_head, head = self.model, self.model.roi_head, self.bbox_head
+        model = self.model
         data = model.data_preprocessor({"inputs": [p["inputs"] for p in packed],
                                         "data_samples": [p["data_samples"] for p in packed]}, False)
         samples = data["data_samples"]
@@ -222,31 +245,27 @@ class MmdetAdapter:
             objectness.append(torch.cat([torch.logit(probs.float(), eps=1e-6),
                                          torch.full((len(gt),), float("inf"), device=self.device)]))
             n_gt.append(len(gt))
-        batch_rois = bbox2roi(rois)
-        pooled = roi_head.bbox_roi_extractor(feats[: roi_head.bbox_roi_extractor.num_inputs], batch_rois)
-        caught: list[torch.Tensor] = []
-        hook = head.fc_cls.register_forward_pre_hook(lambda _m, args: caught.append(args[0]))
-        try:
-            cls_score, bbox_pred = head(pooled)
-        finally:
-            hook.remove()
-        fc = caught[0]
         counts = [len(r) for r in rois]
+        shapes = [s.metainfo["img_shape"] for s in samples]
+        stages = self._stages(feats, bbox2roi(rois), counts, shapes)
         outs = []
-        for i, (r, s, p, f, d) in enumerate(zip(rois, cls_score.split(counts), pooled.split(counts),
-                                                fc.split(counts), bbox_pred.split(counts))):
-            boxes = head.bbox_coder.decode(r, d, max_shape=samples[i].metainfo["img_shape"])
-            boxes = boxes.reshape(len(r), -1, 4) / scales[i][None, None]  # → original pixels
-            top = s[:, :-1].argmax(dim=1) if boxes.shape[1] > 1 else torch.zeros(len(r), dtype=torch.int64)
-            given = r[: counts[i] - n_gt[i]] / scales[i]
-            values = {"fc": f, "pooled": p}
+        for i, r in enumerate(rois):
+            given = np.concatenate([_np(r[: counts[i] - n_gt[i]] / scales[i]),
+                                    np.asarray(gt_boxes[i], np.float32).reshape(-1, 4)]) \
+                if gt_boxes is not None else _np(r / scales[i])
+            per_stage = [(st_rois[i], cls[i], reg[i], {lv: _np(v[lv][i]) for lv in levels})
+                         for st_rois, cls, reg, v in stages]
+            boxes = per_stage[-1][2].reshape(counts[i], -1, 4) / scales[i][None, None]  # → original pixels
+            # The cascade's score input: stage logits summed then divided, in mmdet's order (_refine_roi).
+            logits = sum(cls for _, cls, _, _ in per_stage) / float(len(per_stage)) if self.stage_fg_iou \
+                else per_stage[0][1]
+            top = logits[:, :-1].argmax(dim=1) if boxes.shape[1] > 1 else torch.zeros(counts[i], dtype=torch.int64)
+            cascade = tuple(StageRois(boxes=given if k == 0 else _np(st_rois / scales[i]), logits=_np(cls), features=f)
+                            for k, (st_rois, cls, _, f) in enumerate(per_stage)) if self.stage_fg_iou else None
             outs.append(RoiOutputs(
-                boxes=np.concatenate([_np(given), np.asarray(gt_boxes[i], np.float32).reshape(-1, 4)])
-                if gt_boxes is not None else _np(given),
-                objectness=_np(objectness[i]), is_gt=np.arange(len(r)) >= counts[i] - n_gt[i],
-                features={lv: _np(values[lv]) for lv in levels}, logits=_np(s),
-                reg_boxes=_np(boxes[torch.arange(len(r)), top]),
-                class_boxes=_np(boxes) if boxes.shape[1] > 1 else None))
+                boxes=given, objectness=_np(objectness[i]), is_gt=np.arange(counts[i]) >= counts[i] - n_gt[i],
+                features=per_stage[0][3], logits=_np(logits), reg_boxes=_np(boxes[torch.arange(counts[i]), top]),
+                class_boxes=_np(boxes) if boxes.shape[1] > 1 else None, stages=cascade))
         if mask_rows is not None:
             outs = [replace(out, det_masks=self._det_masks(
                         tuple(f[i:i + 1] for f in feats), samples[i].metainfo, scales[i],
@@ -254,21 +273,51 @@ class MmdetAdapter:
                     for i, out in enumerate(outs)]
         return outs
 
+    def _stages(self, feats, rois: torch.Tensor, counts: list[int], shapes: list) -> list[tuple]:
+        """Per stage, per image: (the stage's RoIs ``[R, 4]`` in input px, its logits ``[R, C+1]``,
+        its decoded boxes ``[R, 4]`` or ``[R, 4C]``, and ``{"pooled": [R, ...], "fc": [R, D]}``) —
+        the head's input and ``fc_cls``'s input, caught by forward pre-hooks on the model's own
+        forward (HTC's semantic fusion included)."""
+        roi_head = self.model.roi_head
+        extra = {}
+        if getattr(roi_head, "with_semantic", False):
+            extra["semantic_feat"] = roi_head.semantic_head(feats)[1]
+        out = []
+        for k, head in enumerate(self.stage_heads):
+            caught: dict[str, torch.Tensor] = {}
+            hooks = [head.register_forward_pre_hook(lambda _m, args: caught.setdefault("pooled", args[0])),
+                     head.fc_cls.register_forward_pre_hook(lambda _m, args: caught.setdefault("fc", args[0]))]
+            try:
+                res = roi_head._bbox_forward(k, feats, rois, **extra) if self.stage_fg_iou else \
+                    roi_head._bbox_forward(feats, rois)
+            finally:
+                for h in hooks:
+                    h.remove()
+            st_rois = rois[:, 1:].split(counts)
+            decoded = [head.bbox_coder.decode(r, d, max_shape=shape)
+                       for r, d, shape in zip(st_rois, res["bbox_pred"].split(counts), shapes)]
+            out.append((st_rois, res["cls_score"].split(counts), decoded,
+                        {lv: v.split(counts) for lv, v in caught.items()}))
+            if k + 1 < len(self.stage_heads):  # class-agnostic refinement: the next stage's RoIs
+                rois = torch.cat([rois[:, :1], torch.cat(decoded)], dim=1)
+        return out
+
     def _det_masks(self, feats, meta: dict, scale: torch.Tensor, request: MaskRequest) -> tuple[dict, ...]:
         """One RLE per requested detection, by the model's own mask head and post-processing
         (mask of the detection's class on its box, pasted at the original size, thresholded)."""
-        from mmdet.structures.bbox import bbox2roi
         from mmengine.structures import InstanceData
         from pycocotools import mask as mask_util
 
         roi_head, rles = self.model.roi_head, []
+        semantic = roi_head.semantic_head(feats)[1] if getattr(roi_head, "with_semantic", False) else None
         for lo in range(0, len(request.rows), MASK_CHUNK):  # bounds the [K, H, W] bool masks
             boxes = torch.as_tensor(request.boxes[lo:lo + MASK_CHUNK], dtype=torch.float32, device=self.device)
             labels = torch.as_tensor(request.labels[lo:lo + MASK_CHUNK], dtype=torch.int64, device=self.device)
-            preds = roi_head._mask_forward(feats, bbox2roi([boxes * scale]))["mask_preds"]
-            res = InstanceData(bboxes=boxes * scale, labels=labels, scores=torch.ones(len(labels)))
-            masks = roi_head.mask_head.predict_by_feat(mask_preds=(preds,), results_list=[res], batch_img_metas=[meta],
-                                                       rcnn_test_cfg=roi_head.test_cfg, rescale=True)[0].masks
+            res = [InstanceData(bboxes=boxes * scale, labels=labels, scores=torch.ones(len(labels)))]
+            # The RoI head's own mask path (a cascade merges its stages' masks; HTC adds its info flow).
+            masks = (roi_head.predict_mask(feats, semantic, [meta], res, rescale=True)
+                     if type(roi_head).__name__ == "HybridTaskCascadeRoIHead"
+                     else roi_head.predict_mask(feats, [meta], res, rescale=True))[0].masks
             encoded = mask_util.encode(np.asfortranarray(masks.cpu().numpy().transpose(1, 2, 0).astype(np.uint8)))
             rles += [{"size": r["size"], "counts": r["counts"].decode("ascii")} for r in encoded]
         return tuple(rles)

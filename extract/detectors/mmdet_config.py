@@ -6,6 +6,7 @@ Imports of mmdet/mmengine happen inside the functions: the ``mmdet`` extra is op
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,10 @@ from cache_schema.errors import CheckpointError, ConfigError
 
 #: RoI heads with one box head (Faster / Mask R-CNN) — what the adapter reads.
 SINGLE_STAGE_ROI_HEADS = ("StandardRoIHead",)
-#: Multi-stage RoI heads (one classifier per stage); not read yet.
+#: Multi-stage RoI heads (one classifier per stage).
 CASCADE_ROI_HEADS = ("CascadeRoIHead", "HybridTaskCascadeRoIHead", "SCNetRoIHead")
+#: Cascades whose box branch roicache reads (SCNet's feature-relay box head is not a Shared2FC one).
+SUPPORTED_CASCADES = ("CascadeRoIHead", "HybridTaskCascadeRoIHead")
 #: Box heads whose classifier reads the shared fcs' output directly (fc → cls is one layer).
 SHARED_FC_BBOX_HEADS = ("Shared2FCBBoxHead", "ConvFCBBoxHead")
 
@@ -105,14 +108,44 @@ def check_two_stage(cfg: Any) -> None:
                           "to cache; use a two-stage model (Faster / Mask R-CNN)")
     kind = roi_head.get("type")
     if kind in CASCADE_ROI_HEADS:
-        raise ConfigError(f"{kind} (Cascade R-CNN / HTC) has one classifier per stage; roicache reads "
-                          "single-stage RoI heads (StandardRoIHead) so far")
+        _check_cascade(roi_head, model)
+        return
     if kind not in SINGLE_STAGE_ROI_HEADS:
         raise ConfigError(f"RoI head {kind} is not supported; roicache reads {', '.join(SINGLE_STAGE_ROI_HEADS)}")
     bbox = roi_head.get("bbox_head", {})
     if bbox.get("type") not in SHARED_FC_BBOX_HEADS:
         raise ConfigError(f"box head {bbox.get('type')} is not supported; roicache reads "
                           f"{', '.join(SHARED_FC_BBOX_HEADS)} (fc features feeding fc_cls directly)")
+
+
+def _check_cascade(roi_head: Any, model: Any) -> None:
+    """A cascade whose stage RoIs do not depend on its classifiers: class-agnostic refinement
+    (every stage's RoIs then descend row by row from the proposals, so cached stage logits can be
+    averaged with a retrained stage's, exactly as the model does)."""
+    kind = roi_head.get("type")
+    if kind not in SUPPORTED_CASCADES:
+        raise ConfigError(f"{kind} is not supported; roicache reads the cascades {', '.join(SUPPORTED_CASCADES)}")
+    heads = roi_head.get("bbox_head")
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * int(roi_head.get("num_stages", 1))
+    bad = [h.get("type") for h in heads if h.get("type") not in SHARED_FC_BBOX_HEADS]
+    if bad:
+        raise ConfigError(f"cascade box head(s) {bad} are not supported; every stage must be one of "
+                          f"{', '.join(SHARED_FC_BBOX_HEADS)}")
+    if not all(h.get("reg_class_agnostic", False) for h in heads):
+        raise ConfigError("this cascade regresses boxes class-specifically, so each stage's RoIs depend on the previous "
+                          "classifier; roicache reads cascades with reg_class_agnostic=True in every stage")
+    rcnn = (model.get("train_cfg") or {}).get("rcnn")
+    if not isinstance(rcnn, (list, tuple)) or len(rcnn) != len(heads):
+        raise ConfigError("the cascade config has no train_cfg.rcnn entry per stage; roicache labels each stage's RoIs "
+                          "at its assigner's pos_iou_thr — pass the model's full training config with --config")
+
+
+def stage_fg_iou(cfg: Any) -> tuple[float, ...]:
+    """Each cascade stage's foreground IoU (its training assigner's ``pos_iou_thr``); ``()`` for
+    a single-stage RoI head."""
+    if cfg.model.roi_head.get("type") not in CASCADE_ROI_HEADS:
+        return ()
+    return tuple(float(stage.assigner.pos_iou_thr) for stage in cfg.model.train_cfg.rcnn)
 
 
 def class_names(payload: dict) -> tuple[str, ...] | None:
@@ -125,13 +158,19 @@ def class_names(payload: dict) -> tuple[str, ...] | None:
 #: Where ``serve inject`` puts a calibrated head inside an mmdet checkpoint (for mmdet's own
 #: dual-head box head); roicache reads that head from the checkpoint's calibration record instead.
 INJECTED_PREFIX = "roi_head.bbox_head.calibrated."
+_INJECTED = re.compile(r"^roi_head\.bbox_head\.(\d+\.)?calibrated\.")
+
+
+def injected_prefix(stage: int | None) -> str:
+    """:data:`INJECTED_PREFIX` of a single box head (``None``), or of cascade stage ``stage``."""
+    return INJECTED_PREFIX if stage is None else f"roi_head.bbox_head.{int(stage)}.calibrated."
 
 
 def state_dict_of(payload: dict) -> dict:
     """The model weights, with a DataParallel ``module.`` prefix removed (as mmengine does) and
-    an injected calibrated head left out (the base model is what the adapter builds)."""
+    injected calibrated heads left out (the base model is what the adapter builds)."""
     state = {(k[7:] if k.startswith("module.") else k): v for k, v in payload["state_dict"].items()}
-    return {k: v for k, v in state.items() if not k.startswith(INJECTED_PREFIX)}
+    return {k: v for k, v in state.items() if not _INJECTED.match(k)}
 
 
 def build_model(cfg: Any, *, source: str):

@@ -49,6 +49,11 @@ class SharedGt:
         return GtArrays(frequency=self.frequency, **{k: v.numpy() for k, v in self.columns.items()})
 
 
+def feature_key(level: str, stage: int = 0) -> str:
+    """Key of :attr:`EvalInputs.features`: the level, with ``@<stage>`` for cascade stages after 0."""
+    return level if stage == 0 else f"{level}@{int(stage)}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvalInputs:
     """Everything cached evaluation reads from a store for one evaluator setting.
@@ -62,8 +67,9 @@ class EvalInputs:
             float32 ``[N, C+1]``, ``reg_boxes`` float32 ``[N, 4]`` (or the proposals ``boxes``
             for a class-specific regressor) and either ``mask_area`` / ``mask_inter`` int32 (array
             evaluation) or ``mask_logits`` float16 ``[N, M, M]`` (LVIS API), when the store has them.
-        features: level -> float16 ``[N, *level_shape]`` features of the same rows, for the
-            levels the heads to evaluate read (plus ``fc`` for a class-specific regressor).
+        features: :func:`feature_key` (level, cascade stage) -> float16 ``[N, *level_shape]``
+            features of the same rows, for the levels (and stages) the heads to evaluate read
+            (plus ``fc`` for a class-specific regressor).
         class_info: the store's class table (small: passed by value).
         position_ids: int64 ``[S]`` json image id of every val split position.
         image_sizes: ``[S, 2]`` (height, width) of every val split position, the store's dtype.
@@ -74,6 +80,8 @@ class EvalInputs:
         notes: what holds for every row about this store (shown once on the console).
         postprocess: the detector's test-time detection settings.
         box_regression: the class-specific box regressor, or None (``O(C·D)``: passed by value).
+        stage_logits: for a cascade's store, each stage's own logits float32 ``[N, C+1]`` (the
+            roiset's ``logits`` are then the detector's final ones, their average); else empty.
     """
 
     store_path: str
@@ -91,23 +99,30 @@ class EvalInputs:
     notes: tuple[str, ...]
     postprocess: Postprocess
     box_regression: BoxRegression | None
+    stage_logits: tuple[torch.Tensor, ...] = ()
 
     def __post_init__(self) -> None:
         if self.roiset.features is not None:
             raise ConfigError("eval inputs: pass the features by level in `features`, not in the RoiSet")
         n = len(self.roiset)
-        bad = {lv: tuple(f.shape) for lv, f in self.features.items() if f.shape[0] != n}
+        bad = {lv: tuple(f.shape) for lv, f in (*self.features.items(), *enumerate(self.stage_logits)) if f.shape[0] != n}
         if bad:
             raise SchemaError(f"eval inputs: features {bad} do not have the RoiSet's {n} rows; load both from one split")
 
-    def rois(self, level: str | None) -> RoiSet:
-        """The val RoiSet with the features of ``level`` (None: without features), tensors shared."""
+    @property
+    def num_stages(self) -> int:
+        return max(1, len(self.stage_logits))
+
+    def rois(self, level: str | None, stage: int = 0) -> RoiSet:
+        """The val RoiSet with the features of ``level`` of cascade stage ``stage`` (None: without
+        features), tensors shared."""
         if level is None:
             return self.roiset
-        if level not in self.features:
+        key = feature_key(level, stage)
+        if key not in self.features:
             raise ConfigError(f"eval inputs hold the val features of {', '.join(self.features) or 'no level'}, not "
-                              f"'{level}'; load them with the levels of every head to evaluate")
-        return replace(self.roiset, features=self.features[level])
+                              f"'{key}'; load them with the levels (and stages) of every head to evaluate")
+        return replace(self.roiset, features=self.features[key])
 
     def monitor_rois(self, level: str) -> RoiSet:
         """The RoiSet ``Split.load(level=level)`` gives (the columns the training monitor reads),
@@ -121,7 +136,7 @@ class EvalInputs:
 
     def _tensors(self) -> list[torch.Tensor]:
         out = [v for v in vars(self.roiset).values() if isinstance(v, torch.Tensor)]
-        out += [*self.features.values(), self.position_ids, self.image_sizes]
+        out += [*self.features.values(), *self.stage_logits, self.position_ids, self.image_sizes]
         return out + (list(self.gt.columns.values()) if self.gt is not None else [])
 
     def share_memory(self) -> "EvalInputs":
@@ -143,4 +158,4 @@ class EvalInputs:
         return 2 * self.roiset.logits.numel() * 4 if self.roiset.logits is not None else 0
 
 
-__all__ = ["EvalInputs", "SharedGt"]
+__all__ = ["EvalInputs", "SharedGt", "feature_key"]

@@ -86,6 +86,9 @@ def check_store(store: Store, grid: SweepGrid, annotations: dict[str, Path] | No
         if name not in store.splits:
             raise SchemaError(f"store {store.path} has no {name} split; extract it with --splits train,val")
     for trial in grid.trials:
+        if trial.config.head.stage != 0:
+            raise ConfigError(f"trial {trial.index} ({trial.label}): head.stage = {trial.config.head.stage}; heads sweep "
+                              "trains stage-0 heads only so far — train later cascade stages with `heads train --stage`")
         head = trial.config.head.name
         level = level_for_head(head)
         for name in ("train", "val"):
