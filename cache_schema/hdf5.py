@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache_schema.layout import COMPLETE_ATTR, ROOT_ATTR
+from cache_schema.layout import COMPLETE_ATTR, ROOT_ATTR, STAGE_ROI
 from cache_schema.records import ROI_COLUMNS
 from cache_schema.store import Store, open_store
 from cache_schema.split import SplitStore
@@ -56,17 +56,24 @@ def _export_split(h5: h5py.File, split: SplitStore, levels: tuple[str, ...]) -> 
         _write_table(g, f"gt/{name}", np.asarray(split.array(f"gt/{name}")[:]))
     specs = split.roi_array_paths()
     datasets = {path: _create(g, path, (total, *trailing), dtype) for path, (dtype, trailing) in specs.items()
-                if not path.startswith("feat/") or path[5:] in levels}
+                if "feat/" not in path or path.rsplit("/", 1)[1] in levels}
     columns = tuple(c for c in ROI_COLUMNS if f"rois/{c}" in specs)
     # First pass: every rois/* column plus the first level; one extra pass per further level.
-    passes = [(levels[0] if levels else None, columns)] + [(lv, ()) for lv in levels[1:]]
-    for level, cols in passes:
-        for block in split.iter_blocks(level=level, columns=cols, images_per_block=_BLOCK_IMAGES):
+    passes = [(split, levels[0] if levels else None, columns)] + [(split, lv, ()) for lv in levels[1:]]
+    # A cascade's stage groups: stage 0's own logits, then each later stage's arrays and levels.
+    for k in range(1, split.num_stages) if split.num_stages > 1 else ():
+        stage = split.at_stage(k)
+        passes += [(stage, levels[0] if levels else None, STAGE_ROI)] + [(stage, lv, ()) for lv in levels[1:]]
+    if split.num_stages > 1:
+        passes.append((split.at_stage(0), None, ("logits",)))
+    for reader, level, cols in passes:
+        for block in reader.iter_blocks(level=level, columns=tuple(c for c in cols if c not in ("labels", "ious")),
+                                        images_per_block=_BLOCK_IMAGES):
             a = int(offsets[int(block.images[0])])
             b = a + len(block)
-            values = {f"rois/{c}": getattr(block, c) for c in ("labels", "ious", *cols)}
+            values = {reader.stage_path(f"rois/{c}"): getattr(block, c) for c in dict.fromkeys(("labels", "ious", *cols))}
             if level is not None:
-                values[f"feat/{level}"] = block.features
+                values[reader.stage_path(f"feat/{level}")] = block.features
             for path, tensor in values.items():
                 datasets[path][a:b] = tensor.numpy().astype(specs[path][0], copy=False)
 

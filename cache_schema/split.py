@@ -97,8 +97,9 @@ class SplitStore:
         view.stage = int(stage)
         return view
 
-    def _stage_path(self, path: str) -> str:
-        """Where this reader's stage keeps ``path`` (``rois/<name>`` or ``feat/<level>``)."""
+    def stage_path(self, path: str) -> str:
+        """Where this reader's stage keeps the split-relative ``path`` (``rois/<name>`` or
+        ``feat/<level>``): the path itself, or the stage group's copy of it."""
         if self.stage is None or self.num_stages == 1:
             return path
         group, _, name = path.partition("/")
@@ -247,7 +248,7 @@ class SplitStore:
         if level is not None:
             self._check_level(level)
             paths["features"] = f"feat/{level}"
-        return {field: self._stage_path(path) for field, path in paths.items()}
+        return {field: self.stage_path(path) for field, path in paths.items()}
 
     def select(self, images: np.ndarray | list[int] | None = None, *, require_complete: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(image positions, int64 RoI counts) that :meth:`load` would read; unfinished images are

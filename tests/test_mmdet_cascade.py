@@ -333,3 +333,22 @@ def test_sweep_and_online_calibration_refuse_later_stages(cascade_ckpt, cascade_
     with pytest.raises(ConfigError, match="stage-0 heads only"):
         calibrate_online(ckpt=cascade_ckpt, cache=str(cascade_store), config=cfg, out_dir=tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_hdf5_export_carries_the_stage_arrays(cascade_store, tmp_path):
+    import h5py
+
+    from cache_schema.hdf5 import export_hdf5
+
+    out = export_hdf5(str(cascade_store), tmp_path / "s.h5")
+    store = open_store(str(cascade_store))
+    with h5py.File(out, "r") as f:
+        for k in range(3):
+            want = store.split("val").at_stage(k).load(level="fc", columns=("logits", "boxes"))
+            prefix = "val/" if k == 0 else f"val/stages/{k}/"
+            np.testing.assert_array_equal(f[f"{prefix}rois/labels"][:], want.labels.numpy())
+            np.testing.assert_array_equal(f[f"{prefix}rois/boxes"][:], want.boxes.numpy())
+            np.testing.assert_array_equal(f[f"{prefix}feat/fc"][:], want.features.numpy())
+            np.testing.assert_array_equal(f[f"val/stages/{k}/rois/logits"][:], want.logits.numpy())
+        final = store.split("val").load(columns=("logits",)).logits.numpy()
+        np.testing.assert_array_equal(f["val/rois/logits"][:], final)
