@@ -151,12 +151,13 @@ def run_single(work: Path, store: Path, head: str, steps: int) -> tuple[float, f
     return wall, peak, ap
 
 
-def run_sweep(work: Path, store: Path, head: str, steps: int, jobs: int) -> tuple[float, float, dict]:
-    out = work / f"sweep_jobs{jobs}"
+def run_sweep(work: Path, store: Path, head: str, steps: int, jobs: int,
+              workers: str = "processes") -> tuple[float, float, dict]:
+    out = work / f"sweep_jobs{jobs}_{workers}"
     shutil.rmtree(out, ignore_errors=True)
     grid = write_grid(work, head, steps)
     wall, peak = run_measured([str(C.REPO / ".venv/bin/heads"), "sweep", "--cache", str(store), "--grid", str(grid),
-                               "--out", str(out), "--jobs", str(jobs), "--quiet"])
+                               "--out", str(out), "--jobs", str(jobs), "--workers", workers, "--quiet"])
     ap = {}
     for path in (out / "results").glob("*.json"):
         r = json.loads(path.read_text())
@@ -172,6 +173,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--also-jobs-1", action="store_true", help="also time the sweep with one worker")
+    ap.add_argument("--also-threads", action="store_true", help="also time --jobs N on threads of the sweep's process")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=C.BENCH_OUT / "bench_sweep.md")
     args = ap.parse_args()
@@ -200,6 +202,16 @@ def main() -> None:
                   f"single run: {one_peak / q_peak:.2f}; --jobs {args.jobs} / --jobs 1: {s_peak / one_peak:.2f}",
                   f"- sweep --jobs 1 at its peak, PSS per process (MiB): {_parts(LAST_PEAK_PARTS)}",
                   f"- same sel AP for all 16 trials with --jobs 1 and --jobs {args.jobs}: {one_ap == s_ap}"]
+    if args.also_threads:
+        t_wall, t_peak, t_ap = run_sweep(work, args.store, args.head, steps, args.jobs, "threads")
+        rows.insert(1, [f"heads sweep --jobs {args.jobs} --workers threads", C.fmt_s(t_wall), f"{t_peak:,.0f}"])
+        lines += [f"- --workers threads: sequential / sweep wall time {q_wall / t_wall:.2f}x; peak memory / one single "
+                  f"run: **{t_peak / q_peak:.2f}**; threads / processes: wall {t_wall / s_wall:.2f}, "
+                  f"peak memory {t_peak / s_peak:.2f}",
+                  f"- sweep --workers threads at its peak, PSS per process (MiB): {_parts(LAST_PEAK_PARTS)}",
+                  f"- same sel AP for all 16 trials with threads and processes: {t_ap == s_ap}"]
+        if args.also_jobs_1:
+            lines.append(f"- --workers threads, --jobs {args.jobs} / --jobs 1 peak memory: {t_peak / one_peak:.2f}")
     text = "\n".join([
         C.header("heads sweep vs 16 sequential single runs", extra={
             "what": f"16 heads ({' x '.join(map(str, (len(SAMPLERS), len(LOSSES), len(SEEDS))))}: samplers x losses x seeds), "

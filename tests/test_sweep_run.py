@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from heads.cli import app
 from heads.combine import Combination
 from heads.pipeline import evaluate_from_store
-from heads.sweep.backends import InlineBackend
+from heads.sweep.backends import ThreadBackend
 from heads.sweep.grid import load_grid
 from heads.sweep.results import read_sweep_record, result_path
 from heads.sweep.runner import run_sweep
@@ -121,19 +121,23 @@ def test_another_grid_in_the_same_directory_needs_overwrite(swept, tiny_store, t
     assert result.exit_code == 2 and "another grid" in result.stderr and "--overwrite" in result.stderr
 
 
-def test_jobs_2_gives_the_same_rows_as_jobs_1(swept, tiny_store, grid_file, tmp_path):
-    two = run_sweep(cache=str(tiny_store), grid=load_grid(grid_file), out_dir=tmp_path / "two", jobs=2, progress=False)
+@pytest.mark.parametrize("workers", ["processes", "threads"])
+def test_jobs_2_gives_the_same_rows_as_jobs_1(workers, swept, tiny_store, grid_file, tmp_path):
+    """Two jobs at once — in worker processes or on two threads of the sweep's process — give
+    exactly the rows of one job at a time (every trial draws from its own generators)."""
+    two = run_sweep(cache=str(tiny_store), grid=load_grid(grid_file), out_dir=tmp_path / "two", jobs=2, progress=False,
+                    workers=workers)
     one, other = results_of(swept.out_dir), results_of(two.out_dir)
     assert one.keys() == other.keys()
     assert all(one[t]["rows"] == other[t]["rows"] for t in one)
     assert table_without_times(two.out_dir) == table_without_times(swept.out_dir)
 
 
-class CountingBackend(InlineBackend):
+class CountingBackend(ThreadBackend):
     """The sweep's own ``--jobs 1`` backend, counting the jobs by kind."""
 
-    def __init__(self, *, inputs, evaluation) -> None:
-        super().__init__(inputs=inputs, evaluation=evaluation)
+    def __init__(self, *, inputs, evaluation, jobs=1) -> None:
+        super().__init__(inputs=inputs, evaluation=evaluation, jobs=jobs)
         self.calls = {"train": 0, "orig": 0, "score": 0}
 
     def train(self, job):
@@ -154,7 +158,7 @@ def test_orig_is_scored_once_per_run_and_every_trial_gets_the_same_rows(swept, t
     import heads.sweep.runner as runner
 
     made = []
-    monkeypatch.setattr(runner, "InlineBackend", lambda **kw: made.append(CountingBackend(**kw)) or made[-1])
+    monkeypatch.setattr(runner, "ThreadBackend", lambda **kw: made.append(CountingBackend(**kw)) or made[-1])
     inline = run_sweep(cache=str(tiny_store), grid=load_grid(grid_file), out_dir=tmp_path / "inline", jobs=1,
                        progress=False)
     assert made[0].calls == {"train": 2, "orig": 1, "score": 4}

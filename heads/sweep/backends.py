@@ -1,6 +1,6 @@
 """Where a sweep's jobs run: one job at a time in the sweep's own process
-(:class:`InlineBackend`, ``--jobs 1``), a local pool of worker processes sharing the parent's
-train and evaluation inputs (:class:`ProcessBackend`) or Ray tasks (:class:`RayBackend`). All hand
+or on a few of its threads (:class:`ThreadBackend`), a local pool of worker processes sharing the
+parent's train and evaluation inputs (:class:`ProcessBackend`) or Ray tasks (:class:`RayBackend`). All hand
 out ``concurrent.futures.Future`` objects, so :mod:`heads.sweep.runner` schedules them alike."""
 
 from __future__ import annotations
@@ -43,21 +43,24 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-class InlineBackend:
-    """Jobs one at a time on a thread of the sweep's own process (``--jobs 1``): no second
-    interpreter and no copy of the inputs (the train and evaluation inputs are held side by side:
-    1.27x one ``heads train``/``heads eval`` run, measured). The caller's thread stays free for
-    the progress display and Ctrl-C."""
+class ThreadBackend:
+    """Jobs on ``jobs`` threads of the sweep's own process: no second interpreter and no copy of
+    the inputs (the train and evaluation inputs are held side by side). torch runs its kernels
+    without the GIL and every trial draws from its own seeded generators, so trials on
+    concurrent threads give the same results as one by one; each thread gets ``cores / jobs``
+    torch threads (the setting is process-wide). The caller's thread stays free for the progress
+    display and Ctrl-C."""
 
-    def __init__(self, *, inputs: TrainInputs | None, evaluation: EvalInputs) -> None:
+    def __init__(self, *, inputs: TrainInputs | None, evaluation: EvalInputs, jobs: int = 1) -> None:
         self.inputs, self.evaluation = inputs, evaluation
         self._threads = torch.get_num_threads()
-        configure_threads()  # every core this process may use (ROICACHE_THREADS overrides)
-        self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sweep-job")
+        # one job: every core this process may use (ROICACHE_THREADS overrides)
+        configure_threads(None if jobs == 1 else max(1, available_cores() // jobs))
+        self.pool = cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sweep-job")
 
     def train(self, job: TrainJob) -> cf.Future:
         if self.inputs is None:
-            raise ValueError("InlineBackend.train: the sweep has nothing to train (no train inputs were loaded)")
+            raise ValueError("ThreadBackend.train: the sweep has nothing to train (no train inputs were loaded)")
         return self.pool.submit(train_job, job, self.inputs)
 
     def orig(self, job: OrigJob) -> cf.Future:
@@ -67,7 +70,7 @@ class InlineBackend:
         return self.pool.submit(score_job, job, self.evaluation)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)  # as ProcessBackend: the running job finishes
+        self.pool.shutdown(wait=True, cancel_futures=True)  # as ProcessBackend: running jobs finish
         torch.set_num_threads(self._threads)
 
 
@@ -187,4 +190,4 @@ class RayBackend:
         self.ray.shutdown()
 
 
-__all__ = ["Backend", "InlineBackend", "ProcessBackend", "RayBackend"]
+__all__ = ["Backend", "ProcessBackend", "RayBackend", "ThreadBackend"]

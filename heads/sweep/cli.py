@@ -14,7 +14,7 @@ from cache_schema.cli_support import friendly_errors
 from cache_schema.errors import ConfigError
 from cache_schema.inputs import parse_annotations
 from heads.sweep.grid import load_grid
-from heads.sweep.runner import run_sweep
+from heads.sweep.runner import DEFAULT_WORKERS, run_sweep
 from heads.sweep.tables import Report, write_report
 
 app = typer.Typer(add_completion=False, help="Train and score every configuration of a grid on one store, then "
@@ -35,6 +35,8 @@ def sweep(
     out: Path = typer.Option(None, help="Sweep directory; a killed sweep there is resumed."),
     jobs: int = typer.Option(None, help="Parallel workers (default: the usable cores, capped by free memory)."),
     address: str = typer.Option(None, help="Run trials as Ray tasks: ray://HOST:PORT, HOST:PORT, auto, or local."),
+    workers: str = typer.Option(DEFAULT_WORKERS, help="Local jobs on threads of this process or on worker processes: "
+                                                      "threads | processes."),
     annotations: list[str] = typer.Option(None, "--annotations", help="SPLIT=PATH: the val json when it is not where the store recorded it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Point a sweep directory of another grid at this one."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
@@ -44,7 +46,7 @@ def sweep(
         return
     if cache is None or grid is None or out is None:
         raise ConfigError("heads sweep needs --cache STORE --grid GRID.toml --out DIR (or: heads sweep report DIR)")
-    outcome = run_sweep(cache=cache, grid=load_grid(grid), out_dir=out, jobs=jobs, address=address,
+    outcome = run_sweep(cache=cache, grid=load_grid(grid), out_dir=out, jobs=jobs, address=address, workers=workers,
                         progress=not quiet, overwrite=overwrite, annotations=parse_annotations(annotations))
     _print_report(outcome.report)
 

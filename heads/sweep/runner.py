@@ -41,7 +41,7 @@ from cache_schema.head_init import read_head_weights
 from cache_schema.runtime import available_cores, check_output
 from heads.models import level_for_head
 from heads.pipeline import FROM_DETECTOR, available_memory_bytes, load_eval_inputs, val_ground_truth
-from heads.sweep.backends import Backend, InlineBackend, ProcessBackend, RayBackend
+from heads.sweep.backends import Backend, ProcessBackend, RayBackend, ThreadBackend
 from heads.sweep.grid import SweepGrid
 from heads.sweep.identity import store_fingerprint, train_id, trial_id
 from heads.sweep.jobs import OrigJob, ScoreJob, TrainJob, head_finished, load_train_inputs
@@ -55,6 +55,9 @@ from heads.sweep.tables import Report, write_report
 #: 2fc_rand on 256x7x7 features). An evaluation's score tables come on top
 #: (:attr:`~heads.evaluation.EvalInputs.scratch_bytes`).
 WORKER_BYTES = 1 << 30
+#: Where local jobs run (``--workers``): threads of the sweep's process, or worker processes.
+WORKERS = ("threads", "processes")
+DEFAULT_WORKERS = "processes"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,14 +163,18 @@ def _pending(out_dir: Path, plan: SweepPlan) -> tuple[list[int], list[str]]:
 
 def run_sweep(*, cache: str, grid: SweepGrid, out_dir: Path, jobs: int | None = None, address: str | None = None,
               progress: bool = True, overwrite: bool = False,
-              annotations: dict[str, Path] | None = None) -> SweepOutcome:
+              annotations: dict[str, Path] | None = None, workers: str = DEFAULT_WORKERS) -> SweepOutcome:
     """Run every trial of ``grid`` on the store ``cache`` into ``out_dir`` (resuming a previous
     run there) and rebuild its tables. ``jobs``: parallel workers (``None``: :func:`default_jobs`;
     with ``address``, the Ray tasks in flight are bounded by the cluster's CPUs instead).
     ``annotations``: ``{"val": PATH}`` when the val json is not where the store recorded it
-    (content-checked; it does not enter any trial's identity)."""
+    (content-checked; it does not enter any trial's identity). ``workers``: where local jobs run,
+    ``threads`` of this process or ``processes`` (:data:`WORKERS`).
+    """
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs {jobs}: give 1 or more")
+    if workers not in WORKERS:
+        raise ConfigError(f"--workers {workers!r}: choose {' or '.join(WORKERS)}")
     store = open_store(cache)
     check_store(store, grid, annotations)
     plan = plan_sweep(store, grid)
@@ -179,7 +186,7 @@ def run_sweep(*, cache: str, grid: SweepGrid, out_dir: Path, jobs: int | None = 
         write_sweep_record(out_dir, plan.record())
         todo, to_train = _pending(out_dir, plan)
         if todo and backend is None:
-            backend = _process_backend(store, plan, todo, to_train, jobs, annotations)
+            backend = _local_backend(store, plan, todo, to_train, jobs, annotations, workers)
         with SweepProgress(total=len(plan.ids), done=len(plan.ids) - len(todo), enabled=progress) as bar:
             if todo:
                 _schedule(plan, out_dir, backend, todo, to_train, bar.update)
@@ -190,11 +197,11 @@ def run_sweep(*, cache: str, grid: SweepGrid, out_dir: Path, jobs: int | None = 
                         trained=len(to_train), report=write_report(out_dir))
 
 
-def _process_backend(store: Store, plan: SweepPlan, todo: list[int], to_train: list[str], jobs: int | None,
-                     annotations: dict[str, Path] | None) -> InlineBackend | ProcessBackend:
+def _local_backend(store: Store, plan: SweepPlan, todo: list[int], to_train: list[str], jobs: int | None,
+                   annotations: dict[str, Path] | None, workers: str) -> ThreadBackend | ProcessBackend:
     """The local backend for the pending trials ``todo``: the evaluation inputs of their heads'
     levels and the train inputs of the heads ``to_train``, loaded once here; ``jobs`` workers (at
-    most one per pending trial) sharing them, or with one worker this process itself."""
+    most one per pending trial) sharing them: threads of this process, or processes."""
     trials = plan.grid.trials
     levels = tuple(sorted({level_for_head(trials[i].config.head.name) for i in todo}))
     evaluation = load_eval_inputs(store, levels=levels, evaluator=plan.grid.evaluator, annotations=annotations)
@@ -208,8 +215,8 @@ def _process_backend(store: Store, plan: SweepPlan, todo: list[int], to_train: l
     train_bytes = sum(r.features.numel() * r.features.element_size() for r in inputs.train.values()) if inputs else 0
     n = min(jobs or default_jobs(tasks=len(todo), shared_bytes=train_bytes + evaluation.nbytes,
                                  eval_bytes=evaluation.scratch_bytes), len(todo))
-    if n == 1:
-        return InlineBackend(inputs=inputs, evaluation=evaluation)
+    if n == 1 or workers == "threads":
+        return ThreadBackend(inputs=inputs, evaluation=evaluation, jobs=n)
     # Shared memory only when other processes read the tensors (moving them there copies them).
     return ProcessBackend(jobs=n, inputs=inputs and inputs.share_memory(), evaluation=evaluation.share_memory())
 
