@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,13 +24,13 @@ STATE_VERSION = 1
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp name + fsync + rename, so a crash leaves the old file
-    or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    or the new one, never half of one. The temp name is unique per writer: two sweep jobs scoring
+    trials of one head may write the same file at once (the last rename wins, both whole)."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(f.name, path)
 
 
 def write_json_atomic(path: Path, obj) -> None:

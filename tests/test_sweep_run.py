@@ -161,7 +161,8 @@ def test_orig_is_scored_once_per_run_and_every_trial_gets_the_same_rows(swept, t
     monkeypatch.setattr(runner, "ThreadBackend", lambda **kw: made.append(CountingBackend(**kw)) or made[-1])
     inline = run_sweep(cache=str(tiny_store), grid=load_grid(grid_file), out_dir=tmp_path / "inline", jobs=1,
                        progress=False)
-    assert made[0].calls == {"train": 2, "orig": 1, "score": 4}
+    # two phases: the heads trained by one backend, then every trial scored by another
+    assert [b.calls for b in made] == [{"train": 2, "orig": 0, "score": 0}, {"train": 0, "orig": 1, "score": 4}]
     one, other = results_of(swept.out_dir), results_of(inline.out_dir)
     assert one.keys() == other.keys() and all(one[t]["rows"] == other[t]["rows"] for t in one)
     assert len({json.dumps(r["rows"]["orig"], sort_keys=True) for r in other.values()}) == 1

@@ -51,7 +51,7 @@ class ThreadBackend:
     torch threads (the setting is process-wide). The caller's thread stays free for the progress
     display and Ctrl-C."""
 
-    def __init__(self, *, inputs: TrainInputs | None, evaluation: EvalInputs, jobs: int = 1) -> None:
+    def __init__(self, *, inputs: TrainInputs | None, evaluation: EvalInputs | None, jobs: int = 1) -> None:
         self.inputs, self.evaluation = inputs, evaluation
         self._threads = torch.get_num_threads()
         # one job: every core this process may use (ROICACHE_THREADS overrides)
@@ -64,10 +64,15 @@ class ThreadBackend:
         return self.pool.submit(train_job, job, self.inputs)
 
     def orig(self, job: OrigJob) -> cf.Future:
-        return self.pool.submit(orig_job, job, self.evaluation)
+        return self.pool.submit(orig_job, job, self._evaluation())
 
     def score(self, job: ScoreJob) -> cf.Future:
-        return self.pool.submit(score_job, job, self.evaluation)
+        return self.pool.submit(score_job, job, self._evaluation())
+
+    def _evaluation(self) -> EvalInputs:
+        if self.evaluation is None:
+            raise ValueError("ThreadBackend: this backend was made for training only (no evaluation inputs)")
+        return self.evaluation
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)  # as ProcessBackend: running jobs finish
@@ -79,7 +84,7 @@ class ProcessBackend:
     :class:`TrainInputs` and :class:`~heads.evaluation.EvalInputs` (both in shared memory:
     ``share_memory()``)."""
 
-    def __init__(self, *, jobs: int, inputs: TrainInputs | None, evaluation: EvalInputs) -> None:
+    def __init__(self, *, jobs: int, inputs: TrainInputs | None, evaluation: EvalInputs | None) -> None:
         threads = max(1, available_cores() // jobs)
         # forkserver: workers are forked from a clean server process that imported WORKER_PRELOAD
         # once, so they share its imported modules; not plain fork, because a forked child of a

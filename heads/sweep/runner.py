@@ -31,6 +31,7 @@ the same: training is seeded and counter-based, scoring is deterministic.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,8 @@ from heads.pipeline import FROM_DETECTOR, available_memory_bytes, load_eval_inpu
 from heads.sweep.backends import Backend, ProcessBackend, RayBackend, ThreadBackend
 from heads.sweep.grid import SweepGrid
 from heads.sweep.identity import store_fingerprint, train_id, trial_id
-from heads.sweep.jobs import OrigJob, ScoreJob, TrainJob, head_finished, load_train_inputs
+from heads.evaluation import EvalInputs
+from heads.sweep.jobs import OrigJob, ScoreJob, TrainInputs, TrainJob, head_finished, load_train_inputs
 from heads.sweep.progress import SweepProgress
 from heads.sweep.results import (PlannedTrial, SweepRecord, head_dir, read_result, read_sweep_record, sweep_path,
                                  write_result, write_sweep_record)
@@ -57,7 +59,7 @@ from heads.sweep.tables import Report, write_report
 WORKER_BYTES = 1 << 30
 #: Where local jobs run (``--workers``): threads of the sweep's process, or worker processes.
 WORKERS = ("threads", "processes")
-DEFAULT_WORKERS = "processes"
+DEFAULT_WORKERS = "threads"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,11 +187,12 @@ def run_sweep(*, cache: str, grid: SweepGrid, out_dir: Path, jobs: int | None = 
     try:
         write_sweep_record(out_dir, plan.record())
         todo, to_train = _pending(out_dir, plan)
-        if todo and backend is None:
-            backend = _local_backend(store, plan, todo, to_train, jobs, annotations, workers)
         with SweepProgress(total=len(plan.ids), done=len(plan.ids) - len(todo), enabled=progress) as bar:
-            if todo:
+            if todo and backend is not None:
                 _schedule(plan, out_dir, backend, todo, to_train, bar.update)
+            elif todo:
+                _run_local(store, plan, out_dir, todo, to_train, jobs=jobs, annotations=annotations, workers=workers,
+                           event=bar.update)
     finally:
         if backend is not None:
             backend.close()
@@ -197,34 +200,71 @@ def run_sweep(*, cache: str, grid: SweepGrid, out_dir: Path, jobs: int | None = 
                         trained=len(to_train), report=write_report(out_dir))
 
 
-def _local_backend(store: Store, plan: SweepPlan, todo: list[int], to_train: list[str], jobs: int | None,
-                   annotations: dict[str, Path] | None, workers: str) -> ThreadBackend | ProcessBackend:
-    """The local backend for the pending trials ``todo``: the evaluation inputs of their heads'
-    levels and the train inputs of the heads ``to_train``, loaded once here; ``jobs`` workers (at
-    most one per pending trial) sharing them: threads of this process, or processes."""
+def _run_local(store: Store, plan: SweepPlan, out_dir: Path, todo: list[int], to_train: list[str], *,
+               jobs: int | None, annotations: dict[str, Path] | None, workers: str,
+               event: Callable[[str, bool], None]) -> None:
+    """The pending trials ``todo`` on this machine, in two phases that each hold only what they
+    read: the heads ``to_train`` with the train inputs (and the val level their monitor reads),
+    which are then dropped; then every trial's scoring with the evaluation inputs. The sweep's
+    peak memory is then that of one ``heads train`` or one ``heads eval``, not of both at once."""
     trials = plan.grid.trials
+    if to_train:
+        trial_of = {plan.ids[i].train_id: trials[i] for i in todo}
+        heads = [trial_of[h].config.head.name for h in to_train]
+        inputs = load_train_inputs(store, tuple(sorted({level_for_head(h) for h in heads})),
+                                   with_init=any(h in FROM_DETECTOR for h in heads))
+        n = min(jobs or default_jobs(tasks=len(to_train), shared_bytes=inputs.nbytes, eval_bytes=0), len(to_train))
+        backend = _backend(n, workers, inputs=inputs, evaluation=None)
+        del inputs  # the backend holds them until it closes
+        try:
+            _train_all(plan, out_dir, backend, todo, to_train, event)
+        finally:
+            backend.close()
+        del backend
+        gc.collect()  # the train features go before the evaluation inputs are read
     levels = tuple(sorted({level_for_head(trials[i].config.head.name) for i in todo}))
     evaluation = load_eval_inputs(store, levels=levels, evaluator=plan.grid.evaluator, annotations=annotations)
-    trial_of = {plan.ids[i].train_id: trials[i] for i in todo}
-    heads = [trial_of[h].config.head.name for h in to_train]
-    inputs = None
-    if to_train:
-        inputs = load_train_inputs(store, tuple(sorted({level_for_head(h) for h in heads})),
-                                   with_init=any(h in FROM_DETECTOR for h in heads), val_from=evaluation)
-    # The monitor's val features are the evaluation's tensors: count the train features only.
-    train_bytes = sum(r.features.numel() * r.features.element_size() for r in inputs.train.values()) if inputs else 0
-    n = min(jobs or default_jobs(tasks=len(todo), shared_bytes=train_bytes + evaluation.nbytes,
-                                 eval_bytes=evaluation.scratch_bytes), len(todo))
+    n = min(jobs or default_jobs(tasks=len(todo), shared_bytes=evaluation.nbytes, eval_bytes=evaluation.scratch_bytes),
+            len(todo))
+    backend = _backend(n, workers, inputs=None, evaluation=evaluation)
+    try:
+        _schedule(plan, out_dir, backend, todo, [], event)
+    finally:
+        backend.close()
+
+
+def _backend(n: int, workers: str, *, inputs: TrainInputs | None,
+             evaluation: EvalInputs | None) -> ThreadBackend | ProcessBackend:
+    """``n`` local workers sharing ``inputs`` / ``evaluation``: threads of this process, or processes."""
     if n == 1 or workers == "threads":
         return ThreadBackend(inputs=inputs, evaluation=evaluation, jobs=n)
     # Shared memory only when other processes read the tensors (moving them there copies them).
-    return ProcessBackend(jobs=n, inputs=inputs and inputs.share_memory(), evaluation=evaluation.share_memory())
+    return ProcessBackend(jobs=n, inputs=inputs and inputs.share_memory(),
+                          evaluation=evaluation and evaluation.share_memory())
+
+
+def _train_all(plan: SweepPlan, out_dir: Path, backend: Backend, todo: list[int], to_train: list[str],
+               event: Callable[[str, bool], None]) -> None:
+    """Train the heads ``to_train`` (each from the first pending trial that names it)."""
+    first = {}
+    for i in todo:
+        first.setdefault(plan.ids[i].train_id, i)
+    futures = {backend.train(TrainJob(train_id=h, trial=plan.grid.trials[first[h]], head_dir=head_dir(out_dir, h))): h
+               for h in to_train}
+    try:
+        for future in cf.as_completed(futures):
+            future.result()  # a job's error ends the sweep with its message
+            event(f"trained head {futures[future]} ({plan.grid.trials[first[futures[future]]].label})", False)
+    finally:  # on an error: drop what has not started (the caller closes the backend)
+        for future in futures:
+            future.cancel()
 
 
 def _schedule(plan: SweepPlan, out_dir: Path, backend: Backend, todo: list[int], to_train: list[str],
               event: Callable[[str, bool], None]) -> None:
     """Submit the training jobs, then each trial's scoring once its head is finished; write each
-    result as it arrives. ``event(text, trial_finished)`` reports progress."""
+    result as it arrives (Ray: each task reads what it needs itself; locally ``to_train`` is empty,
+    :func:`_run_local`). ``event(text, trial_finished)`` reports progress."""
     trials = plan.grid.trials
     waiting: dict[str, list[int]] = {}
     for i in todo:
