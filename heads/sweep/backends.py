@@ -181,6 +181,8 @@ class RayBackend:
         out: cf.Future = cf.Future()
 
         def copy(done: cf.Future) -> None:
+            if not out.set_running_or_notify_cancel():  # the sweep dropped it (another job failed)
+                return
             error = done.exception()
             if error is None:
                 out.set_result(done.result())
