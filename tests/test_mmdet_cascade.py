@@ -352,3 +352,18 @@ def test_hdf5_export_carries_the_stage_arrays(cascade_store, tmp_path):
             np.testing.assert_array_equal(f[f"val/stages/{k}/rois/logits"][:], want.logits.numpy())
         final = store.split("val").load(columns=("logits",)).logits.numpy()
         np.testing.assert_array_equal(f["val/rois/logits"][:], final)
+
+
+def test_a_stage_streams_the_same_rows_as_it_loads(cascade_store):
+    from heads.pipeline import choose_source
+
+    store = open_store(str(cascade_store))
+    streamed = choose_source(store, "fc", stream="always", stage=2)
+    loaded = choose_source(store, "fc", stream="never", stage=2)
+    assert np.array_equal(streamed.index.labels, loaded.index.labels)
+    rows = np.arange(0, streamed.index.num_rows, 7)
+    a, la = streamed.gather(rows)
+    b, lb = loaded.gather(rows)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    # and they are stage 2's, not stage 0's
+    assert not torch.equal(a, choose_source(store, "fc", stream="never", stage=0).gather(rows)[0])
