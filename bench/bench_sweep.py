@@ -1,5 +1,8 @@
 """`heads sweep --jobs 2` against the same trials as sequential single runs: wall time and memory.
 
+The main sweep row runs ``--workers processes``; ``--also-threads`` adds the default
+``--workers threads``, ``--also-jobs-1`` a one-job sweep.
+
     python bench/bench_sweep.py [--store runs/demo/cache.zarr] [--head lastfc] [--steps 300] [--quick]
 
 The grid: 16 distinct heads (4 samplers x 2 losses x 2 seeds), each scored with the rows a
@@ -187,7 +190,7 @@ def main() -> None:
     q_wall, q_peak, q_ap = run_single(work, args.store, args.head, steps)
     load2 = os.getloadavg()[0]
     same = s_ap.keys() == q_ap.keys() and max(abs(s_ap[k] - q_ap[k]) for k in s_ap) < 1e-9
-    rows = [[f"heads sweep --jobs {args.jobs}", C.fmt_s(s_wall), f"{s_peak:,.0f}"],
+    rows = [[f"heads sweep --jobs {args.jobs} --workers processes", C.fmt_s(s_wall), f"{s_peak:,.0f}"],
             ["16 x (heads train + heads eval), sequential", C.fmt_s(q_wall), f"{q_peak:,.0f} (largest single command)"]]
     base = interpreter_pss()
     lines = [f"- sequential / sweep --jobs {args.jobs} wall time: **{q_wall / s_wall:.2f}x**",

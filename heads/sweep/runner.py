@@ -52,10 +52,10 @@ from heads.sweep.results import (PlannedTrial, SweepRecord, head_dir, read_resul
                                  write_result, write_sweep_record)
 from heads.sweep.tables import Report, write_report
 
-#: Memory one worker needs besides the shared inputs: an interpreter with torch, a head, its
-#: gradients and momentum, training batches (measured: 0.75 GB of a worker's own pages training
-#: 2fc_rand on 256x7x7 features). An evaluation's score tables come on top
-#: (:attr:`~heads.evaluation.EvalInputs.scratch_bytes`).
+#: Memory one worker needs besides the shared inputs: a head, its gradients and momentum,
+#: training batches, and for a worker process an interpreter with torch (measured: 0.75 GB of a
+#: worker process's own pages training 2fc_rand on 256x7x7 features; kept as the bound for threads
+#: too). An evaluation's score tables come on top (:attr:`~heads.evaluation.EvalInputs.scratch_bytes`).
 WORKER_BYTES = 1 << 30
 #: Where local jobs run (``--workers``): threads of the sweep's process, or worker processes.
 WORKERS = ("threads", "processes")
