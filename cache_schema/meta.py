@@ -190,6 +190,8 @@ class ExtractionSettings:
         with_masks: the val split stores class-agnostic mask logits.
         mask_size: side ``M`` of the stored mask logits.
         seed: seed of every random choice made during extraction.
+        train_bg_per_image: background RoIs kept per train image (every foreground RoI is kept;
+            image ``i``'s are drawn by ``numpy.random.default_rng((seed, i))``); ``None``: all.
         created: ISO-8601 UTC time the store was created (not compared on resume).
         code_version: roicache version that wrote the store.
     """
@@ -201,6 +203,7 @@ class ExtractionSettings:
     with_masks: bool = True
     mask_size: int = 28
     seed: int
+    train_bg_per_image: int | None = None
     created: str = field(default_factory=_utc_now)
     code_version: str = field(default_factory=_code_version)
 
@@ -211,6 +214,8 @@ class ExtractionSettings:
             raise SchemaError(f"rois_per_image is {self.rois_per_image}; it must be >= 1")
         if self.mask_size < 1:
             raise SchemaError(f"mask_size is {self.mask_size}; it must be >= 1")
+        if self.train_bg_per_image is not None and self.train_bg_per_image < 0:
+            raise SchemaError(f"train_bg_per_image is {self.train_bg_per_image}; it must be >= 0")
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

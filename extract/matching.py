@@ -46,3 +46,19 @@ def match_rois(*, rois: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray,
     fg = ious >= fg_iou
     labels[fg] = np.asarray(gt_labels, dtype=np.int32)[best[fg]]
     return Matches(labels=labels, ious=ious, gt_index=gt_index)
+
+
+def keep_rows(labels: np.ndarray, *, num_classes: int, background: int | None, seed: int, image: int) -> np.ndarray:
+    """Rows of one image's RoIs to store: every foreground RoI (``labels < num_classes``) and
+    ``background`` of its background RoIs, drawn without replacement by
+    ``numpy.random.default_rng((seed, image))`` (so the draw depends on the image alone, not on
+    shards, batches or resumes); all of them when ``background`` is ``None`` or at least their
+    count. int64 ``[n]``, ascending (the RoIs keep their order)."""
+    labels = np.asarray(labels)
+    bg = np.flatnonzero(labels >= num_classes)
+    if background is None or len(bg) <= background:
+        return np.arange(len(labels), dtype=np.int64)
+    # Why subsample at all: calibration keeps every foreground RoI but draws background only to
+    # match the positives (SimCal's 1:1), so most background rows would never be read.
+    drawn = np.random.default_rng((int(seed), int(image))).choice(bg, size=int(background), replace=False)
+    return np.sort(np.concatenate([np.flatnonzero(labels < num_classes), drawn])).astype(np.int64)

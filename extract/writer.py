@@ -44,7 +44,7 @@ from cache_schema.inputs import relative_to_store
 from extract.detectors.backends import check_class_table, load_adapter
 from extract.detectors.shipped import check_data_matches
 from extract.detectors.base import DetectorAdapter
-from extract.matching import match_rois
+from extract.matching import keep_rows, match_rois
 from extract.overlaps import eval_ground_truth, image_overlaps
 from extract.progress import ExtractProgress
 from extract.sharding import Shard, batch_groups
@@ -78,6 +78,7 @@ class ExtractConfig:
     seed: int = 0
     threads: int | None = None
     wait_for_store_s: float = 600.0
+    train_bg_per_image: int | None = None  # None: every background RoI of a train image is stored
 
     def __post_init__(self) -> None:
         if not self.splits:
@@ -92,6 +93,9 @@ class ExtractConfig:
             raise ConfigError(f"--threads must be >= 1 (or left out for every core), got {self.threads}")
         if not 0.0 < self.fg_iou <= 1.0:
             raise ConfigError(f"--fg-iou must lie in (0, 1], got {self.fg_iou}")
+        if self.train_bg_per_image is not None and self.train_bg_per_image < 0:
+            raise ConfigError(f"--train-bg-per-image must be >= 0 (background RoIs kept per train image), "
+                              f"got {self.train_bg_per_image}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pick one")
         if self.overwrite and self.shard.count > 1:
@@ -161,7 +165,8 @@ def _meta(adapter: DetectorAdapter, ckpt: Path, inputs: list[_SplitInput], confi
     settings = ExtractionSettings(fg_iou=config.fg_iou, bg_iou=config.fg_iou, rois_per_image=rois_per_image,
                                   gt_as_proposals=any(s.name in GT_PROPOSAL_SPLITS for s in inputs),
                                   with_masks=any(keeps_masks(s.name, adapter) for s in inputs),
-                                  mask_size=adapter.mask_size, seed=config.seed)
+                                  mask_size=adapter.mask_size, seed=config.seed,
+                                  train_bg_per_image=config.train_bg_per_image if "train" in config.splits else None)
     return StoreMeta(detector=detector, dataset=dataset, extraction=settings,
                      splits=tuple(s.name for s in inputs), num_classes=adapter.num_classes)
 
@@ -251,8 +256,10 @@ def _stage_arrays(out, s: _SplitInput, rows: np.ndarray, stage_fg_iou: tuple[flo
 
 
 def _write_batch(split, s: _SplitInput, group: list[int], outputs: list, config: ExtractConfig,
-                 num_classes: int, with_masks: bool, stage_fg_iou: tuple[float, ...] = ()) -> None:
-    """Label one batch's RoIs by IoU matching and write each image (done mark last)."""
+                 num_classes: int, with_masks: bool, stage_fg_iou: tuple[float, ...] = ()) -> int:
+    """Label one batch's RoIs by IoU matching and write each image (done mark last); returns the
+    RoIs written (fewer than computed when train background is subsampled)."""
+    written = 0
     for p, out in zip(group, outputs):
         rows = s.gt_rows_of_image[p]
         m = match_rois(rois=out.boxes, gt_boxes=s.gt.boxes[rows], gt_labels=s.gt.labels[rows], gt_rows=rows,
@@ -263,11 +270,17 @@ def _write_batch(split, s: _SplitInput, group: list[int], outputs: list, config:
         arrays.update({f"feat/{lv}": out.features[lv] for lv in config.levels})
         if stage_fg_iou:
             arrays.update(_stage_arrays(out, s, rows, stage_fg_iou, config.levels, num_classes))
+        if s.name == "train" and config.train_bg_per_image is not None:
+            keep = keep_rows(m.labels, num_classes=num_classes, background=config.train_bg_per_image,
+                             seed=config.seed, image=p)
+            arrays = {path: np.asarray(v)[keep] for path, v in arrays.items()}
+        written += len(arrays["rois/labels"])
         if with_masks:
             arrays["rois/mask_logits"] = out.mask_logits
         if split.mask_overlaps:
             arrays["rois/mask_area"], arrays["rois/mask_inter"] = _overlaps(s, p, out, split.mask_overlaps)
         split.write_image(p, arrays=arrays)
+    return written
 
 
 def _overlaps(s: _SplitInput, p: int, out, columns: int) -> tuple[np.ndarray, np.ndarray]:
@@ -295,14 +308,13 @@ def _run_split(store: Store, s: _SplitInput, adapter: DetectorAdapter, config: E
             outputs = adapter.run([read_rgb(s.annset.image_path(p)) for p in group], gt_boxes=gt_boxes,
                                   levels=config.levels, max_proposals=rois_per_image, with_masks=with_masks)
             if pending is not None:
-                pending.result()
+                rois_written += pending.result()
             pending = writer.submit(_write_batch, split, s, group, outputs, config, adapter.num_classes, with_masks,
                                     adapter.stage_fg_iou)
             images_written += len(group)
-            rois_written += sum(len(o) for o in outputs)
             progress.advance(images=len(group), rois=sum(len(o) for o in outputs))
         if pending is not None:
-            pending.result()
+            rois_written += pending.result()
     return images_written, rois_written
 
 
