@@ -31,6 +31,18 @@ def configure_threads(threads: int | None = None) -> int:
     return max(1, n)
 
 
+def available_memory_bytes() -> int:
+    """``MemAvailable`` of /proc/meminfo in bytes (8 GiB where it cannot be read)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return 8 << 30
+
+
 def pick_device(requested: str | None = None) -> torch.device:
     """``cuda`` when present, else ``cpu``; an explicit request wins (``"cpu"``, ``"cuda:1"``)
     when this machine has it — otherwise one-line :class:`ConfigError` before any work."""

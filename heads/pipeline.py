@@ -20,7 +20,7 @@ from cache_schema.postprocess import Postprocess
 from cache_schema.records import RoiSet
 from cache_schema.eval_gt import read_eval_gt
 from cache_schema.inputs import resolve_annotation
-from cache_schema.runtime import check_output, pick_device
+from cache_schema.runtime import available_memory_bytes, check_output, pick_device
 from heads.combine import RULES, Combination, recorded_combination
 from heads.config import TrainConfig
 from heads.evaluation import (BinSpec, LvisEvaluator, Metrics, cached_results, detect_cached_arrays, load_gt,
@@ -29,7 +29,7 @@ from heads.evaluation.fast_inputs import (OverlapsUnavailable, det_arrays, evalu
                                           store_slots)
 from heads.evaluation.fast_lvis import GtArrays
 from heads.evaluation.inputs import EvalInputs, SharedGt, feature_key
-from heads.evaluation.scoring import LoadedHead, calibrated_probs, head_features, load_head_matching
+from heads.evaluation.scoring import LoadedHead, calibrated_probs, head_features, head_paths, load_head_matching
 from heads.models import level_for_head, load_head
 from heads.sources import InMemoryRoiSource, StreamingRoiSource
 from heads.train import TrainResult, train_head
@@ -71,18 +71,6 @@ def head_meta(store: Store, level: str, stage: int = 0) -> dict:
     return {"store": store_identity(store), "store_path": store.path, "level": level, "stage": int(stage),
             "num_stages": store.meta.detector.num_stages,
             "instance_count": [int(v) for v in store.classes.instance_count]}
-
-
-def available_memory_bytes() -> int:
-    """``MemAvailable`` of /proc/meminfo in bytes (8 GiB where it cannot be read)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return 8 << 30
 
 
 def choose_source(store: Store, level: str, *, stream: str, stage: int = 0) -> InMemoryRoiSource | StreamingRoiSource:
@@ -301,13 +289,6 @@ def load_eval_inputs(store: Store, *, levels: tuple[str | tuple[str, int], ...] 
                       postprocess=eval_postprocess(store), box_regression=reg, stage_logits=stage_logits)
 
 
-def _head_paths(head: Path | Sequence[Path] | None) -> tuple[Path, ...]:
-    """``--head`` given once or once per cascade stage."""
-    if head is None:
-        return ()
-    return (Path(head),) if isinstance(head, (str, Path)) else tuple(Path(h) for h in head)
-
-
 def evaluate_from_store(*, cache: str, head: Path | Sequence[Path] | None, combinations: tuple[Combination, ...],
                         out_dir: Path | None, bins: BinSpec | None = None, device: str | None = None,
                         progress: bool = True, evaluator: str = "auto", annotations: dict[str, Path] | None = None,
@@ -335,7 +316,7 @@ def evaluate_from_store(*, cache: str, head: Path | Sequence[Path] | None, combi
     """
     if out_dir is not None:
         out_dir = check_output(out_dir, kind="dir", overwrite=overwrite, marker="eval_summary.json")  # before any work
-    paths = _head_paths(head)
+    paths = head_paths(head)
     _check_combinations(combinations, has_head=bool(paths))
     store = open_store(cache)  # (load_eval_inputs checks the evaluator before reading anything)
     loaded = tuple(load_head_for(store, p) for p in paths)
@@ -352,7 +333,7 @@ def evaluate_with_inputs(*, inputs: EvalInputs, head: Path | Sequence[Path] | No
     if out_dir is not None:
         out_dir = check_output(out_dir, kind="dir", overwrite=overwrite, marker="eval_summary.json")
     loaded = tuple(load_head_matching(p, identity=inputs.store_identity, store_path=inputs.store_path)
-                   for p in _head_paths(head))
+                   for p in head_paths(head))
     _check_combinations(combinations, has_head=bool(loaded))
     return _evaluate(inputs, loaded, combinations, out_dir=out_dir, bins=bins, device=device, progress=progress)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,13 @@ def cascade_probs(stage_logits: tuple[torch.Tensor, ...], retrained: dict[int, t
     return torch.softmax(total / float(len(stage_logits)), dim=1)
 
 
+def head_paths(head: Path | Sequence[Path] | None) -> tuple[Path, ...]:
+    """``--head`` given once or once per cascade stage."""
+    if head is None:
+        return ()
+    return (Path(head),) if isinstance(head, (str, Path)) else tuple(Path(h) for h in head)
+
+
 def head_features(loaded: tuple[LoadedHead, ...]) -> tuple[tuple[str, int], ...]:
     """The (level, stage) features ``loaded`` read: what :func:`load_eval_inputs` must load."""
     return tuple((head_level(h), head_stage(h)) for h in loaded)
@@ -103,5 +111,5 @@ def calibrated_probs(inputs: EvalInputs, loaded: tuple[LoadedHead, ...], device:
     return cascade_probs(inputs.stage_logits, retrained)
 
 
-__all__ = ["LoadedHead", "calibrated_probs", "cascade_probs", "head_features", "head_level", "head_stage",
+__all__ = ["LoadedHead", "calibrated_probs", "cascade_probs", "head_features", "head_level", "head_paths", "head_stage",
            "load_head_matching", "score_rois"]

@@ -39,9 +39,9 @@ from pathlib import Path
 from cache_schema import Store, open_store
 from cache_schema.errors import ConfigError, SchemaError
 from cache_schema.head_init import read_head_weights
-from cache_schema.runtime import available_cores, check_output
+from cache_schema.runtime import available_cores, available_memory_bytes, check_output
 from heads.models import level_for_head
-from heads.pipeline import FROM_DETECTOR, available_memory_bytes, load_eval_inputs, val_ground_truth
+from heads.pipeline import FROM_DETECTOR, load_eval_inputs, val_ground_truth
 from heads.sweep.backends import Backend, ProcessBackend, RayBackend, ThreadBackend
 from heads.sweep.grid import SweepGrid
 from heads.sweep.identity import store_fingerprint, train_id, trial_id
