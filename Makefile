@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,mmdet,ray]'
+	$(PY) -m pip install -q -e '.[dev,mmdet,ray,s3]'
 	touch $(STAMP)
 
 # Everything: the default suite plus the tests marked slow (real multi-process runs).

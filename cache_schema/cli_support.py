@@ -7,9 +7,11 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+import click
 import typer
 
 from cache_schema.errors import RoicacheError
+from cache_schema.object_store import object_store_error
 
 F = TypeVar("F", bound=Callable)
 
@@ -37,11 +39,24 @@ def friendly_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except RoicacheError as e:
             fail(str(e))
-        except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-            target = e.filename or ""
-            fail(f"{e.strerror or type(e).__name__}: {target} — check the path and its permissions")
+        except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException):
+            raise  # the command's own exits and typer's usage errors
+        except Exception as e:
+            # Object storage failing after the store was opened (credentials expired, access
+            # revoked, endpoint gone): botocore/s3fs errors, which may also be OSErrors below.
+            problem = object_store_error(None, e)
+            if problem is None:
+                _plain_os_error(e)
+            fail(str(problem))
         except KeyboardInterrupt:
             fail("interrupted; outputs written so far are kept and marked incomplete — rerun the "
                  "same command (with --resume where it has one) to continue", EXIT_INTERRUPTED)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _plain_os_error(e: Exception) -> None:
+    """One line for a missing, existing or forbidden file; re-raises anything else (a bug)."""
+    if isinstance(e, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        fail(f"{e.strerror or type(e).__name__}: {e.filename or ''} — check the path and its permissions")
+    raise e

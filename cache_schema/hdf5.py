@@ -63,8 +63,9 @@ def _export_split(h5: h5py.File, split: SplitStore, levels: tuple[str, ...]) -> 
     # A cascade's stage groups: stage 0's own logits, then each later stage's arrays and levels.
     for k in range(1, split.num_stages) if split.num_stages > 1 else ():
         stage = split.at_stage(k)
-        passes += [(stage, levels[0] if levels else None, STAGE_ROI)] + [(stage, lv, ()) for lv in levels[1:]]
-    if split.num_stages > 1:
+        stored = tuple(c for c in STAGE_ROI if stage.stage_path(f"rois/{c}") in specs)
+        passes += [(stage, levels[0] if levels else None, stored)] + [(stage, lv, ()) for lv in levels[1:]]
+    if split.num_stages > 1 and split.at_stage(0).stage_path("rois/logits") in specs:
         passes.append((split.at_stage(0), None, ("logits",)))
     for reader, level, cols in passes:
         for block in reader.iter_blocks(level=level, columns=tuple(c for c in cols if c not in ("labels", "ious")),

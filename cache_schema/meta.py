@@ -19,8 +19,12 @@ import numpy as np
 from cache_schema.errors import SchemaError
 from cache_schema.postprocess import Postprocess
 
-SCHEMA_VERSION = 1
-"""Version of the on-disk layout this code reads and writes."""
+SCHEMA_VERSION = 2
+"""Version of the on-disk layout this code writes (docs/cache.md)."""
+READABLE_VERSIONS = (1, 2)
+"""Versions this code reads (``roicache cache migrate`` converts version 1)."""
+ROW_ORDERS = ("proposal", "label")
+"""An image's RoI order: the detector's, or stably by matched label (schema 2 train)."""
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -50,10 +54,11 @@ def _check_sha(kind: str, sha: str) -> None:
 
 
 def check_schema_version(version: Any) -> None:
-    """Raise :class:`SchemaError` unless ``version`` is the one this code supports."""
-    if version != SCHEMA_VERSION:
+    """Raise :class:`SchemaError` unless this code reads stores of ``version``."""
+    if version not in READABLE_VERSIONS:
+        have = ", ".join(str(v) for v in READABLE_VERSIONS)
         raise SchemaError(
-            f"store schema version {version} is not supported by this roicache (supports {SCHEMA_VERSION}); re-extract or upgrade"
+            f"store schema version {version} is not supported by this roicache (reads {have}); re-extract it or upgrade roicache"
         )
 
 
@@ -192,6 +197,8 @@ class ExtractionSettings:
         seed: seed of every random choice made during extraction.
         train_bg_per_image: background RoIs kept per train image (every foreground RoI is kept;
             image ``i``'s are drawn by ``numpy.random.default_rng((seed, i))``); ``None``: all.
+        store_logits: the class logits are stored (``rois/logits``); ``False``: recomputed from
+            ``feat/fc`` and the detector head on read (:mod:`cache_schema.derived`).
         created: ISO-8601 UTC time the store was created (not compared on resume).
         code_version: roicache version that wrote the store.
     """
@@ -204,6 +211,7 @@ class ExtractionSettings:
     mask_size: int = 28
     seed: int
     train_bg_per_image: int | None = None
+    store_logits: bool = True
     created: str = field(default_factory=_utc_now)
     code_version: str = field(default_factory=_code_version)
 
@@ -338,7 +346,12 @@ class SplitSpec:
             intersection with each GT mask of its image; the value is the number of GT columns
             (at least the most GTs any image has); 0 stores neither.
         has_gt_proposals: GT boxes were appended as RoIs.
-        image_block: images per chunk of the image table arrays (``images/id`` etc.).
+        image_block: ``B``, images per chunk of the image table arrays (``images/id`` etc.); in
+            schema 2 also the images one writer commits together (one chunk of the completion
+            marks and of the narrow RoI arrays; wide arrays shard within it).
+        row_order: ``"proposal"`` or ``"label"`` (:data:`ROW_ORDERS`).
+        store_logits: keep ``rois/logits``; ``False`` (schema 2, needs the ``fc`` level) recomputes
+            them from ``feat/fc`` and the stored detector head on read.
     """
 
     name: str
@@ -352,6 +365,8 @@ class SplitSpec:
     has_gt_proposals: bool = False
     image_block: int = 64
     mask_overlaps: int = 0
+    row_order: str = "proposal"
+    store_logits: bool = True
 
     def __post_init__(self) -> None:
         _check_name("split", self.name)
@@ -376,6 +391,10 @@ class SplitSpec:
             raise SchemaError(f"split {self.name}: levels {self.levels} repeat a name")
         if self.image_block < 1:
             raise SchemaError(f"split {self.name}: image_block is {self.image_block}; it must be >= 1")
+        if self.row_order not in ROW_ORDERS:
+            raise SchemaError(f"split {self.name}: row_order {self.row_order!r} is not one of {', '.join(ROW_ORDERS)}")
+        if not self.store_logits and "fc" not in self.levels:
+            raise SchemaError(f"split {self.name}: logits can be recomputed only from the fc level; store them or add fc to the levels")
         if self.mask_overlaps < 0 or (self.mask_overlaps and not self.with_masks):
             raise SchemaError(f"split {self.name}: mask_overlaps={self.mask_overlaps} needs with_masks and must be >= 0")
         most = int(np.bincount(self.gt.image, minlength=n).max()) if len(self.gt) else 0

@@ -21,12 +21,14 @@ from cache_schema.layout import (
     FREQUENCY_CODES,
     INITIALIZED_ATTR,
     ROOT_ATTR,
+    STRIDE_ALIGN,
     ArraySpec,
     classes_layout,
     split_attrs,
     split_layout,
 )
 from cache_schema.differences import meta_differences
+from cache_schema.object_store import has_objects, missing_bucket, object_store_error
 from cache_schema.meta import SplitSpec, StoreMeta
 from cache_schema.records import FREQUENCY_GROUPS, ClassInfo
 from cache_schema.split import SplitStore
@@ -51,26 +53,46 @@ def create_array(group: zarr.Group, spec: ArraySpec, *, overwrite: bool = False)
     and validation treats a missing chunk of a finished image as damage.
     """
     return group.create_array(
-        name=spec.path, shape=spec.shape, chunks=spec.chunks, dtype=str if spec.dtype == "str" else spec.dtype,
-        compressors=spec.compressors(), fill_value="" if spec.dtype == "str" else 0,
-        config={"write_empty_chunks": True}, overwrite=overwrite,
+        name=spec.path, shape=spec.shape, chunks=spec.chunks, shards=spec.shards,
+        dtype=str if spec.dtype == "str" else spec.dtype, compressors=spec.compressors(),
+        fill_value="" if spec.dtype == "str" else 0, config={"write_empty_chunks": True}, overwrite=overwrite,
     )
 
 
 def open_group(location: str, *, mode: str, attributes: dict | None = None) -> zarr.Group:
-    """``zarr.open_group`` (format 3 when creating) with a missing fsspec backend turned into a
-    one-line ConfigError."""
+    """``zarr.open_group`` (format 3 when creating), with a missing fsspec backend and, for URLs,
+    the object store's failures (credentials, permissions, missing bucket, endpoint) turned into
+    one-line ConfigErrors. A location that simply holds no group still raises zarr's error (a
+    ``FileNotFoundError``), which callers turn into "no store here"."""
     try:
         if mode == "w":
             return zarr.open_group(location, mode=mode, zarr_format=3, attributes=attributes)
+        if _is_url(location):
+            # Only format 3 is a store. Without the format zarr probes the v2 and v3 metadata
+            # objects concurrently and, when one request fails, leaves the others to be reported
+            # as "Exception ignored" tracebacks at exit; one request also means one round trip.
+            return zarr.open_group(location, mode=mode, zarr_format=3)
         return zarr.open_group(location, mode=mode)
     except ImportError as exc:
         scheme = location.split("://", 1)[0]
         raise ConfigError(f"opening {location} needs the fsspec backend for '{scheme}://' ({exc}); install it, e.g. pip install s3fs or gcsfs") from None
+    except Exception as exc:
+        if not _is_url(location):
+            raise
+        problem = object_store_error(location, exc)
+        if problem is None and isinstance(exc, FileNotFoundError):
+            # zarr reads a missing bucket as an empty location: name the bucket, not "no store".
+            problem = missing_bucket(location)
+        if problem is None:
+            raise
+        raise problem from None
 
 
 def _store_state(location: str) -> str:
-    """``"absent"`` (nothing there / empty dir), ``"store"`` (a roicache store) or ``"other"``."""
+    """``"absent"`` (nothing there / empty dir), ``"store"`` (a roicache store) or ``"other"``.
+
+    Object-store failures (no credentials, missing bucket...) raise ConfigError from here, before
+    anything is written."""
     if not _is_url(location):
         p = Path(location)
         if not p.exists() or (p.is_dir() and not any(p.iterdir())):
@@ -80,7 +102,11 @@ def _store_state(location: str) -> str:
     try:
         group = open_group(location, mode="r")
     except (FileNotFoundError, ValueError):
-        return "absent" if _is_url(location) else "other"
+        if not _is_url(location):
+            return "other"
+        # No group, but objects under the prefix are someone's data: creating the store
+        # (zarr's mode "w") would delete them, as it would a non-empty local directory.
+        return "other" if has_objects(location) else "absent"
     return "store" if ROOT_ATTR in group.attrs else "other"
 
 
@@ -288,18 +314,28 @@ def read_classes(group: zarr.Group) -> ClassInfo:
     )
 
 
+def aligned_stride(stride: int, version: int) -> int:
+    """The RoI stride a split of schema ``version`` is created with: schema 2 rounds it up to a
+    multiple of :data:`STRIDE_ALIGN` so that inner chunks never straddle two images."""
+    return stride if version == 1 else -(-stride // STRIDE_ALIGN) * STRIDE_ALIGN
+
+
 def _create_split(group: zarr.Group, spec: SplitSpec, meta: StoreMeta) -> None:
-    mask_size = meta.extraction.mask_size
+    mask_size, version = meta.extraction.mask_size, meta.schema_version
+    if version == 1 and (spec.row_order != "proposal" or not spec.store_logits):
+        raise SchemaError(f"split {spec.name}: schema 1 stores keep proposal order and logits; create a schema 2 store")
+    stride = aligned_stride(spec.stride, version)
     group.attrs.update(split_attrs(
-        num_images=spec.num_images, stride=spec.stride, num_gt=len(spec.gt), levels=spec.levels,
+        num_images=spec.num_images, stride=stride, num_gt=len(spec.gt), levels=spec.levels,
         with_masks=spec.with_masks, mask_size=mask_size, has_gt_proposals=spec.has_gt_proposals,
-        image_block=spec.image_block, mask_overlaps=spec.mask_overlaps,
+        image_block=spec.image_block, mask_overlaps=spec.mask_overlaps, row_order=spec.row_order,
+        store_logits=spec.store_logits,
     ))
     layout = split_layout(
-        num_images=spec.num_images, stride=spec.stride, num_gt=len(spec.gt), num_classes=meta.num_classes,
+        num_images=spec.num_images, stride=stride, num_gt=len(spec.gt), num_classes=meta.num_classes,
         levels={lv: meta.detector.levels[lv] for lv in spec.levels}, with_masks=spec.with_masks,
         mask_size=mask_size, image_block=spec.image_block, mask_overlaps=spec.mask_overlaps,
-        num_stages=meta.detector.num_stages,
+        num_stages=meta.detector.num_stages, version=version, store_logits=spec.store_logits,
     )
     tables = {
         "images/id": spec.image_ids,

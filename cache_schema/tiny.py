@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cache_schema.layout import roi_arrays
-from cache_schema.meta import DatasetInfo, DetectorInfo, ExtractionSettings, GtTable, SplitSource, SplitSpec, StoreMeta
+from cache_schema.meta import (SCHEMA_VERSION, DatasetInfo, DetectorInfo, ExtractionSettings, GtTable, SplitSource, SplitSpec,
+                               StoreMeta)
 from cache_schema.records import ClassInfo
 from cache_schema.store import Store
 
@@ -88,10 +89,12 @@ def tiny_inputs(
     mask_size: int = 4,
     checkpoint_sha256: str | None = None,
     annotation_sha256: str | None = None,
+    schema_version: int = SCHEMA_VERSION,
 ) -> TinyInputs:
     """Random but consistent inputs. Splits named ``val`` store masks; ``train`` has GT
     proposals and provides the class table. Image 1 of every split (when it exists) has 0 RoIs
-    and the last image exactly ``stride`` RoIs, so padding and edge cases are always exercised."""
+    and the last image exactly ``stride`` RoIs, so padding and edge cases are always exercised.
+    ``schema_version=1`` lays the store out as version 1 did (for migration and compatibility)."""
     rng = np.random.default_rng(seed)
     c = num_classes
     level_map = dict(levels)
@@ -99,7 +102,7 @@ def tiny_inputs(
                             checkpoint_path="/nowhere/tiny.pt", levels=level_map, num_classes=c)
     sources = {name: SplitSource(annotation_path=f"/nowhere/{name}.json", annotation_sha256=annotation_sha256 or fake_sha(f"{name}{seed}"),
                                  image_root="/nowhere") for name, _ in split_images}
-    meta = StoreMeta(detector=detector, dataset=DatasetInfo(splits=sources, category_ids=tuple(range(1, c + 1))),
+    meta = StoreMeta(schema_version=schema_version, detector=detector, dataset=DatasetInfo(splits=sources, category_ids=tuple(range(1, c + 1))),
                      extraction=ExtractionSettings(rois_per_image=stride, seed=seed, mask_size=mask_size, created="2026-01-01T00:00:00+00:00"),
                      splits=tuple(name for name, _ in split_images), num_classes=c)
     specs, rows, classes = [], {}, None

@@ -15,7 +15,6 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from cache_schema.chunkio import ChunkFiles, read_marks
 from cache_schema.errors import RoicacheError, SchemaError
 from cache_schema.layout import (
     COMPLETE_ATTR, INITIALIZED_ATTR, KIND_MARK, KIND_ROI, ROOT_ATTR, STRING_DTYPE, ArraySpec, classes_layout, split_layout,
@@ -78,9 +77,9 @@ def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(starts, ends)]
 
 
-def _describe(idx: list[int] | np.ndarray, spec: ArraySpec, unit: str) -> str:
-    """``"images 3-5 (rows 24-47)"`` style description of chunk indices, capped to a few runs."""
-    rows = spec.chunks[0]
+def _describe(idx: list[int] | np.ndarray, spec: ArraySpec, unit: str, rows: int) -> str:
+    """``"images 3-5 (rows 24-47)"`` style description of units (images of ``rows`` rows each, or
+    table chunks), capped to a few runs."""
     parts = []
     runs = _runs(np.asarray(sorted(idx), dtype=np.int64))
     for a, b in runs[:_MAX_RUNS]:
@@ -89,6 +88,13 @@ def _describe(idx: list[int] | np.ndarray, spec: ArraySpec, unit: str) -> str:
         parts.append(f"{name} (rows {a * rows}-{last_row})")
     more = f" and {len(runs) - _MAX_RUNS} more runs" if len(runs) > _MAX_RUNS else ""
     return ", ".join(parts) + more
+
+
+def object_key(arr: zarr.Array, row: int) -> str:
+    """Store key (relative to the store root) of the object holding row ``row`` of ``arr`` (a
+    shard, or a chunk when unsharded): e.g. ``train/feat/fc/c/3/0``."""
+    rows = (arr.shards or arr.chunks)[0]
+    return f"{arr.path}/{arr.metadata.encode_chunk_key((int(row) // rows, *(0,) * (arr.ndim - 1)))}"
 
 
 class _Checker:
@@ -107,13 +113,20 @@ class _Checker:
     def keys(self) -> set[str]:
         """Every key of the store (listed once)."""
         if self._keys is None:
+            # fsspec filesystems are cached per process with their directory listings; an object
+            # deleted since (by another process) must not be listed from that cache. s3fs 2026.9
+            # lists afresh anyway; other backends (and older s3fs) may not.
+            fs = getattr(self.group.store, "fs", None)
+            if fs is not None:
+                fs.invalidate_cache()
+
             async def collect() -> list[str]:
                 return [k async for k in self.group.store.list_prefix("")]
             self._keys = set(sync(collect()))
         return self._keys
 
     def check_array(self, parent: zarr.Group, where: str, spec: ArraySpec) -> zarr.Array | None:
-        """Presence, shape, dtype and chunking of one array; returns it when usable."""
+        """Presence, shape, dtype, chunking and sharding of one array; returns it when usable."""
         try:
             arr = parent[spec.path]
         except KeyError:
@@ -123,76 +136,81 @@ class _Checker:
             self.problems.append(f"{where}/{spec.path}: is not an array; the store is damaged, re-extract it (--overwrite)")
             return None
         dtype_ok = arr.dtype.kind in "TUO" if spec.dtype == STRING_DTYPE else arr.dtype == spec.np_dtype
-        if tuple(arr.shape) != spec.shape or tuple(arr.chunks) != spec.chunks or not dtype_ok:
+        shards = None if arr.shards is None else tuple(arr.shards)
+        if tuple(arr.shape) != spec.shape or tuple(arr.chunks) != spec.chunks or shards != spec.shards or not dtype_ok:
             self.problems.append(
-                f"{where}/{spec.path}: shape {tuple(arr.shape)} chunks {tuple(arr.chunks)} dtype {arr.dtype}, expected "
-                f"shape {spec.shape} chunks {spec.chunks} dtype {spec.dtype}; the store does not follow schema {self.meta.schema_version}, re-extract it"
+                f"{where}/{spec.path}: shape {tuple(arr.shape)} chunks {tuple(arr.chunks)} shards {shards} dtype {arr.dtype}, "
+                f"expected shape {spec.shape} chunks {spec.chunks} shards {spec.shards} dtype {spec.dtype}; the store does not "
+                f"follow schema {self.meta.schema_version}, re-extract it"
             )
             return None
         return arr
 
-    def missing_chunks(self, arr: zarr.Array, chunk_ids: np.ndarray) -> list[int]:
-        """Chunk indices (along axis 0) among ``chunk_ids`` whose key is not in the store."""
-        keys = self.keys()
-        tail = (0,) * (arr.ndim - 1)
-        enc = arr.metadata.encode_chunk_key
-        return [int(c) for c in chunk_ids if f"{arr.path}/{enc((int(c), *tail))}" not in keys]
+    def missing_objects(self, arr: zarr.Array, objects: np.ndarray) -> list[int]:
+        """Object indices (shards, or chunks when unsharded; along axis 0) whose key is not in the store."""
+        keys, rows = self.keys(), (arr.shards or arr.chunks)[0]
+        return [int(o) for o in objects if object_key(arr, int(o) * rows) not in keys]
 
-    def corrupt_chunks(self, arr: zarr.Array, chunk_ids: list[int],
-                       finite_rows: np.ndarray | None = None) -> tuple[list[int], list[int]]:
-        """Chunk indices among ``chunk_ids`` that fail to decode, and — with ``finite_rows``
-        (valid rows per chunk) — those whose valid rows hold NaN or Inf."""
-        if not self.deep:
-            return [], []
-        bad, nonfinite = [], []
-        files = ChunkFiles.for_array(arr)
-        rows = arr.chunks[0]
-        for c in chunk_ids:
-            self.chunks_checked += 1
-            try:
-                chunk = files.read(c) if files is not None else arr[c * rows: min((c + 1) * rows, arr.shape[0])]
-            except Exception:  # noqa: BLE001 - any decode failure (crc, blosc, zstd, utf-8) is damage
-                bad.append(c)
-                continue
-            if finite_rows is not None and chunk is not None and not np.isfinite(chunk[: finite_rows[c]]).all():
-                nonfinite.append(c)
-        return bad, nonfinite
-
-    def check_chunks(self, where: str, arr: zarr.Array, spec: ArraySpec, chunk_ids: np.ndarray, unit: str, fix: str,
-                     finite_rows: np.ndarray | None = None, decode: np.ndarray | None = None) -> None:
-        """Every chunk of ``chunk_ids`` must exist; those of ``decode`` (default: all) must decode."""
-        missing = self.missing_chunks(arr, chunk_ids)
+    def check_objects(self, where: str, arr: zarr.Array, spec: ArraySpec, units: np.ndarray, unit_rows: int,
+                      unit: str, fix: str, counts: np.ndarray | None = None, decode: np.ndarray | None = None) -> None:
+        """The objects holding ``units`` (images, or table chunks; unit ``u`` is rows
+        ``[u*unit_rows, (u+1)*unit_rows)``) must exist; those holding the units ``decode``
+        (default: all) must decode; with ``counts`` (valid rows per unit, indexed by unit id)
+        those rows must be finite."""
+        rows_per = spec.object_rows
+        first_row = units * unit_rows
+        obj = first_row // rows_per
+        missing = set(self.missing_objects(arr, np.unique(obj)))
         if missing:
-            self.problems.append(f"{where}/{spec.path}: chunk(s) missing for {_describe(missing, spec, unit)}; {fix}")
-        wanted = chunk_ids if decode is None else decode
-        present = sorted(set(int(c) for c in wanted) - set(missing))
-        bad, nonfinite = self.corrupt_chunks(arr, present, finite_rows)
+            lost = units[np.isin(obj, list(missing))]
+            self.problems.append(f"{where}/{spec.path}: object(s) missing for {_describe(lost, spec, unit, unit_rows)}; {fix}")
+        if not self.deep:
+            return
+        want = np.ones(len(units), bool) if decode is None else np.isin(units, decode)
+        want &= ~np.isin(obj, list(missing))
+        bad, nonfinite = [], []
+        for o in np.unique(obj[want]):
+            self.chunks_checked += 1
+            members = np.flatnonzero(want & (obj == o))
+            lo = int(o) * rows_per
+            try:
+                values = np.asarray(arr[lo:min(lo + rows_per, arr.shape[0])])
+            except Exception:  # noqa: BLE001 - any decode failure (crc, blosc, zstd, utf-8) is damage
+                bad.extend(units[members].tolist())
+                continue
+            if counts is not None:
+                for j in members:
+                    start = int(first_row[j]) - lo
+                    if not np.isfinite(values[start:start + int(counts[units[j]])]).all():
+                        nonfinite.append(int(units[j]))
         if bad:
-            self.problems.append(f"{where}/{spec.path}: chunk(s) corrupt or truncated for {_describe(bad, spec, unit)}; {fix}")
+            self.problems.append(f"{where}/{spec.path}: object(s) corrupt or truncated for {_describe(bad, spec, unit, unit_rows)}; {fix}")
         if nonfinite:
-            self.problems.append(f"{where}/{spec.path}: NaN/Inf values for {_describe(nonfinite, spec, unit)}; {fix}")
+            self.problems.append(f"{where}/{spec.path}: NaN/Inf values for {_describe(nonfinite, spec, unit, unit_rows)}; {fix}")
 
     def check_table(self, parent: zarr.Group, where: str, spec: ArraySpec) -> zarr.Array | None:
         """A table written at creation: every chunk must exist and decode."""
         arr = self.check_array(parent, where, spec)
         if arr is not None and spec.shape[0]:
-            n_chunks = -(-spec.shape[0] // spec.chunks[0])
-            self.check_chunks(where, arr, spec, np.arange(n_chunks), "chunk", "the store's tables are damaged, re-extract it (--overwrite)")
+            chunks = np.arange(-(-spec.shape[0] // spec.chunks[0]))
+            self.check_objects(where, arr, spec, chunks, spec.chunks[0], "chunk",
+                               "the store's tables are damaged, re-extract it (--overwrite)")
         return arr
 
     def read_mark(self, where: str, arr: zarr.Array, spec: ArraySpec) -> np.ndarray:
-        """A completion mark array, decoding chunk by chunk when the fast read fails."""
+        """A completion mark array, decoding object by object when one read fails."""
         try:
-            return read_marks(arr)
-        except Exception:  # noqa: BLE001 - fall back to per-chunk reads to pinpoint damage
+            return np.asarray(arr[:])
+        except Exception:  # noqa: BLE001 - fall back to per-object reads to pinpoint damage
             out = np.zeros(spec.shape[0], dtype=spec.np_dtype)
-            bad = []
-            for i in range(spec.shape[0]):
+            bad: list[int] = []
+            rows = spec.object_rows
+            for lo in range(0, spec.shape[0], rows):
                 try:
-                    out[i] = arr[i]
+                    out[lo:lo + rows] = arr[lo:lo + rows]
                 except Exception:  # noqa: BLE001
-                    bad.append(i)
-            self.problems.append(f"{where}/{spec.path}: chunk(s) corrupt for {_describe(bad, spec, 'image')}; {_REPAIR}")
+                    bad.extend(range(lo, min(lo + rows, spec.shape[0])))
+            self.problems.append(f"{where}/{spec.path}: object(s) corrupt for {_describe(bad, spec, 'image', 1)}; {_REPAIR}")
             return out
 
     def check_split(self, name: str) -> int:
@@ -205,6 +223,7 @@ class _Checker:
                 num_classes=self.meta.num_classes, levels={lv: self.meta.detector.levels[lv] for lv in attrs["levels"]},
                 with_masks=bool(attrs["with_masks"]), mask_size=int(attrs["mask_size"]), image_block=int(attrs["image_block"]),
                 mask_overlaps=int(attrs.get("mask_overlaps", 0)), num_stages=self.meta.detector.num_stages,
+                version=self.meta.schema_version, store_logits=bool(attrs.get("store_logits", True)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             self.problems.append(f"{name}: split group or its attributes are missing or malformed ({exc}); re-extract the store")
@@ -222,17 +241,22 @@ class _Checker:
         over = finished[(counts[finished] < 0) | (counts[finished] > k)]
         if len(over):
             self.problems.append(f"{name}/images/num_rois: {len(over)} finished images have a count outside [0, {k}] (first: image {int(over[0])}); {_REPAIR}")
-        self.check_chunks(name, arrays["images/num_rois"], layout["images/num_rois"], finished, "image", _REPAIR)
+        self.check_objects(name, arrays["images/num_rois"], layout["images/num_rois"], finished, 1, "image", _REPAIR)
         decode = None
         if self.sample is not None and len(finished) > self.sample:
-            # A seeded sample of images is decoded (every chunk's presence is still checked).
+            # A seeded sample of images is decoded (every object's presence is still checked).
             decode = np.sort(np.random.default_rng(SAMPLE_SEED).choice(finished, self.sample, replace=False))
             self.sampled[name] = len(decode)
+        safe = np.clip(counts, 0, k)
+        # Images without RoIs need no RoI object: inside shards zarr writes no all-padding chunk,
+        # and a shard of such images only.
+        holding = finished[safe[finished] > 0]
         for path, spec in layout.items():
             if spec.kind == KIND_ROI and arrays[path] is not None:
-                # Features and logits must be finite in every RoI an image holds (one image per chunk).
-                finite = counts if path.startswith(FINITE_PREFIXES) else None
-                self.check_chunks(name, arrays[path], spec, finished, "image", _REPAIR, finite_rows=finite, decode=decode)
+                # Features and logits must be finite in every RoI an image holds.
+                finite = safe if path.startswith(FINITE_PREFIXES) else None
+                self.check_objects(name, arrays[path], spec, holding, k, "image", _REPAIR, counts=finite,
+                                   decode=decode)
         return int(n - len(finished))
 
 

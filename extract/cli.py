@@ -36,6 +36,8 @@ def main_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
     seed: int = typer.Option(0, help="Seed of every random choice (the background subsample), recorded with the store."),
     train_bg_per_image: int = typer.Option(None, "--train-bg-per-image", help="Keep every foreground RoI of a train image and K of its background RoIs (seeded; default: all). Val keeps every proposal."),
+    store_logits: bool = typer.Option(False, "--store-logits", help="Store the detector's class logits (float32 [RoIs, C+1]); by default they are recomputed from the fc level on read."),
+    block_images: int = typer.Option(32, help="Images written together (one commit: objects hold whole blocks; memory holds one block; shards own whole blocks)."),
     threads: int = typer.Option(None, help="Torch threads (default: cores available)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -43,7 +45,8 @@ def main_command(
     config = ExtractConfig(splits=_csv(splits), levels=_csv(levels), rois_per_image=rois_per_image, fg_iou=fg_iou,
                            detector_config=config,
                            batch_size=batch_size, device=device, shard=Shard.parse(shard), resume=resume,
-                           overwrite=overwrite, seed=seed, threads=threads, train_bg_per_image=train_bg_per_image)
+                           overwrite=overwrite, seed=seed, threads=threads, train_bg_per_image=train_bg_per_image,
+                           store_logits=store_logits, block_images=block_images)
     report = extract(ckpt=ckpt, data=data, out=out, config=config, progress=not quiet)
     state = "complete" if report.complete else "incomplete (other shards or images pending)"
     Console().print(f"wrote {report.images_written} images, {report.rois_written:,} RoIs in {report.seconds:.1f} s "

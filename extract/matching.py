@@ -62,3 +62,16 @@ def keep_rows(labels: np.ndarray, *, num_classes: int, background: int | None, s
     # match the positives (SimCal's 1:1), so most background rows would never be read.
     drawn = np.random.default_rng((int(seed), int(image))).choice(bg, size=int(background), replace=False)
     return np.sort(np.concatenate([np.flatnonzero(labels < num_classes), drawn])).astype(np.int64)
+
+
+def stored_rows(labels: np.ndarray, *, num_classes: int, background: int | None, seed: int, image: int,
+                sort_by_label: bool) -> np.ndarray:
+    """Indices (int64) of an image's RoIs as the store holds them: the rows :func:`keep_rows` keeps
+    (``background=None``: all), in label order when the split keeps that order (stable: ties keep
+    the detector's order). One function for the writer and for whoever recomputes the RoIs
+    (online calibration), so both agree row for row."""
+    keep = np.arange(len(labels), dtype=np.int64) if background is None else keep_rows(
+        labels, num_classes=num_classes, background=background, seed=seed, image=image)
+    if sort_by_label:
+        keep = keep[np.argsort(np.asarray(labels)[keep], kind="stable")]
+    return keep

@@ -40,15 +40,29 @@ class Shard:
         return cls(index=int(m.group(1)), count=int(m.group(2)))
 
 
-def batch_groups(num_images: int, batch_size: int, shard: Shard) -> list[list[int]]:
+def batch_groups(num_images: int, batch_size: int, shard: Shard, *, block: int | None = None) -> list[list[int]]:
     """The fixed image batches of a split that ``shard`` owns, in order.
 
-    Groups are ``[g*B, (g+1)*B)``; group ``g`` belongs to shard ``g % n``.
+    The split is cut into commit blocks of ``block`` images (``None``: one block per batch, the
+    schema-1 layout); block ``b`` belongs to shard ``b % n`` — a shard writes whole blocks, so two
+    shards never write the same object — and each block into consecutive batches of
+    ``batch_size`` (the last one of a block may be shorter).
     """
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    block = batch_size if block is None else int(block)
+    if block < 1:
+        raise ConfigError(f"the commit block must hold >= 1 image, got {block}")
     groups = []
-    for g, start in enumerate(range(0, num_images, batch_size)):
-        if g % shard.count == shard.index:
-            groups.append(list(range(start, min(start + batch_size, num_images))))
+    for b, start in enumerate(range(0, num_images, block)):
+        if b % shard.count != shard.index:
+            continue
+        stop = min(start + block, num_images)
+        groups.extend(list(range(a, min(a + batch_size, stop))) for a in range(start, stop, batch_size))
     return groups
+
+
+def commit_block(batch_size: int, images: int = 32) -> int:
+    """Images per commit block of a new store: about ``images``, a multiple of ``batch_size`` so
+    that no batch straddles two blocks."""
+    return batch_size * max(1, round(images / batch_size))

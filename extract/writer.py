@@ -44,10 +44,10 @@ from cache_schema.inputs import relative_to_store
 from extract.detectors.backends import check_class_table, load_adapter
 from extract.detectors.shipped import check_data_matches
 from extract.detectors.base import DetectorAdapter
-from extract.matching import keep_rows, match_rois
+from extract.matching import match_rois, stored_rows
 from extract.overlaps import eval_ground_truth, image_overlaps
 from extract.progress import ExtractProgress
-from extract.sharding import Shard, batch_groups
+from extract.sharding import Shard, batch_groups, commit_block
 
 #: Splits that get GT boxes appended as proposals (SimCal's calibration adds them for training).
 GT_PROPOSAL_SPLITS = ("train",)
@@ -79,6 +79,8 @@ class ExtractConfig:
     threads: int | None = None
     wait_for_store_s: float = 600.0
     train_bg_per_image: int | None = None  # None: every background RoI of a train image is stored
+    store_logits: bool = False  # False: logits recomputed from feat/fc on read (stored when fc is not extracted)
+    block_images: int = 32  # images per commit block of a new store (rounded to a multiple of batch_size)
 
     def __post_init__(self) -> None:
         if not self.splits:
@@ -89,6 +91,8 @@ class ExtractConfig:
             raise ConfigError(f"--rois-per-image must be >= 1, got {self.rois_per_image}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.block_images < 1:
+            raise ConfigError(f"--block-images must be >= 1, got {self.block_images}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1 (or left out for every core), got {self.threads}")
         if not 0.0 < self.fg_iou <= 1.0:
@@ -166,7 +170,8 @@ def _meta(adapter: DetectorAdapter, ckpt: Path, inputs: list[_SplitInput], confi
                                   gt_as_proposals=any(s.name in GT_PROPOSAL_SPLITS for s in inputs),
                                   with_masks=any(keeps_masks(s.name, adapter) for s in inputs),
                                   mask_size=adapter.mask_size, seed=config.seed,
-                                  train_bg_per_image=config.train_bg_per_image if "train" in config.splits else None)
+                                  train_bg_per_image=config.train_bg_per_image if "train" in config.splits else None,
+                                  store_logits=_stores_logits(config))
     return StoreMeta(detector=detector, dataset=dataset, extraction=settings,
                      splits=tuple(s.name for s in inputs), num_classes=adapter.num_classes)
 
@@ -190,8 +195,16 @@ def _split_spec(s: _SplitInput, config: ExtractConfig, rois_per_image: int, mask
         image_sizes=np.array([(im.height, im.width) for im in imgs], np.int32).reshape(-1, 2),
         file_names=tuple(im.file_name for im in imgs), stride=rois_per_image + (max_gt if with_gt else 0),
         levels=config.levels, gt=s.gt, with_masks=masks, has_gt_proposals=with_gt,
-        mask_overlaps=_overlap_columns(s, masks),
+        mask_overlaps=_overlap_columns(s, masks), image_block=commit_block(config.batch_size, config.block_images),
+        # Train rows sorted by label: a bi-level batch's rows of one class sit together, so a
+        # streamed batch decodes the inner chunks it uses (docs/scale.md).
+        row_order="label" if s.name == "train" else "proposal", store_logits=_stores_logits(config),
     )
+
+
+def _stores_logits(config: ExtractConfig) -> bool:
+    """Logits are stored on request, or when no fc level is extracted to recompute them from."""
+    return config.store_logits or "fc" not in config.levels
 
 
 def _open_or_create(out: str, meta: StoreMeta, adapter: DetectorAdapter, inputs: list[_SplitInput],
@@ -255,11 +268,11 @@ def _stage_arrays(out, s: _SplitInput, rows: np.ndarray, stage_fg_iou: tuple[flo
     return arrays
 
 
-def _write_batch(split, s: _SplitInput, group: list[int], outputs: list, config: ExtractConfig,
-                 num_classes: int, with_masks: bool, stage_fg_iou: tuple[float, ...] = ()) -> int:
-    """Label one batch's RoIs by IoU matching and write each image (done mark last); returns the
-    RoIs written (fewer than computed when train background is subsampled)."""
-    written = 0
+def _label_batch(split, s: _SplitInput, group: list[int], outputs: list, config: ExtractConfig,
+                 num_classes: int, with_masks: bool, stage_fg_iou: tuple[float, ...] = ()) -> list[dict[str, np.ndarray]]:
+    """Label one batch's RoIs by IoU matching: per image, the arrays ``SplitStore.write_block``
+    takes (train background subsampled, rows sorted by label where the split keeps that order)."""
+    images = []
     for p, out in zip(group, outputs):
         rows = s.gt_rows_of_image[p]
         m = match_rois(rois=out.boxes, gt_boxes=s.gt.boxes[rows], gt_labels=s.gt.labels[rows], gt_rows=rows,
@@ -270,17 +283,46 @@ def _write_batch(split, s: _SplitInput, group: list[int], outputs: list, config:
         arrays.update({f"feat/{lv}": out.features[lv] for lv in config.levels})
         if stage_fg_iou:
             arrays.update(_stage_arrays(out, s, rows, stage_fg_iou, config.levels, num_classes))
-        if s.name == "train" and config.train_bg_per_image is not None:
-            keep = keep_rows(m.labels, num_classes=num_classes, background=config.train_bg_per_image,
-                             seed=config.seed, image=p)
-            arrays = {path: np.asarray(v)[keep] for path, v in arrays.items()}
-        written += len(arrays["rois/labels"])
+        keep = stored_rows(m.labels, num_classes=num_classes, seed=config.seed, image=p,
+                           background=config.train_bg_per_image if s.name == "train" else None,
+                           sort_by_label=split.row_order == "label")
+        arrays = {path: np.asarray(v)[keep] for path, v in arrays.items()}
         if with_masks:
             arrays["rois/mask_logits"] = out.mask_logits
         if split.mask_overlaps:
             arrays["rois/mask_area"], arrays["rois/mask_inter"] = _overlaps(s, p, out, split.mask_overlaps)
-        split.write_image(p, arrays=arrays)
-    return written
+        stored = split.roi_array_paths()
+        images.append({path: v for path, v in arrays.items() if path in stored})
+    return images
+
+
+class _BlockCommitter:
+    """Collects labelled images until their commit block is whole, then writes it in one
+    ``write_block`` (done marks last). Batches of a block arrive consecutively, so at most one
+    block is held. Returns from :meth:`add` the RoIs written."""
+
+    def __init__(self, split) -> None:
+        self.split = split
+        self.start: int | None = None
+        self.images: list[dict[str, np.ndarray]] = []
+
+    def add(self, group: list[int], images: list[dict[str, np.ndarray]]) -> int:
+        block = self.split.commit_block
+        start = group[0] // block * block
+        if self.start is not None and start != self.start:
+            raise RuntimeError(f"block {self.start} was left incomplete before block {start}")  # a bug, not bad input
+        if self.start is None:
+            self.start = start
+        expected = self.start + len(self.images)
+        if group[0] != expected:
+            raise RuntimeError(f"image {group[0]} arrived where image {expected} was expected")
+        self.images.extend(images)
+        if self.start + len(self.images) < min(self.start + block, self.split.num_images):
+            return 0
+        written = sum(len(a["rois/labels"]) for a in self.images)
+        self.split.write_block(self.start, self.images)
+        self.start, self.images = None, []
+        return written
 
 
 def _overlaps(s: _SplitInput, p: int, out, columns: int) -> tuple[np.ndarray, np.ndarray]:
@@ -292,8 +334,10 @@ def _overlaps(s: _SplitInput, p: int, out, columns: int) -> tuple[np.ndarray, np
 def _run_split(store: Store, s: _SplitInput, adapter: DetectorAdapter, config: ExtractConfig,
                rois_per_image: int, progress: ExtractProgress) -> tuple[int, int]:
     split = store.split(s.name)
-    done = split.done()
-    groups = [g for g in batch_groups(len(s.annset), config.batch_size, config.shard) if not done[g].all()]
+    done, block = split.done(), split.commit_block
+    # Whole blocks are rerun when any of their images lacks its mark (e.g. after `cache invalidate`).
+    groups = [g for g in batch_groups(len(s.annset), config.batch_size, config.shard, block=block)
+              if not done[g[0] // block * block:(g[0] // block + 1) * block].all()]
     with_gt = s.name in GT_PROPOSAL_SPLITS
     with_masks = keeps_masks(s.name, adapter)
     progress.start_split(s.name, images=sum(len(g) for g in groups))
@@ -301,6 +345,12 @@ def _run_split(store: Store, s: _SplitInput, adapter: DetectorAdapter, config: E
     # Matching, encoding and writing a batch (numpy/blosc/file I/O, which release the GIL) run on a
     # writer thread while the detector computes the next batch. At most one batch waits, so memory
     # stays bounded and a failed write surfaces at the next batch.
+    committer = _BlockCommitter(split)
+
+    def label_and_commit(group: list[int], outputs: list) -> int:
+        return committer.add(group, _label_batch(split, s, group, outputs, config, adapter.num_classes, with_masks,
+                                                 adapter.stage_fg_iou))
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="roicache-writer") as writer:
         pending = None
         for group in groups:
@@ -309,8 +359,7 @@ def _run_split(store: Store, s: _SplitInput, adapter: DetectorAdapter, config: E
                                   levels=config.levels, max_proposals=rois_per_image, with_masks=with_masks)
             if pending is not None:
                 rois_written += pending.result()
-            pending = writer.submit(_write_batch, split, s, group, outputs, config, adapter.num_classes, with_masks,
-                                    adapter.stage_fg_iou)
+            pending = writer.submit(label_and_commit, group, outputs)
             images_written += len(group)
             progress.advance(images=len(group), rois=sum(len(o) for o in outputs))
         if pending is not None:

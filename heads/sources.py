@@ -7,16 +7,22 @@ images. Two implementations:
 
 - :class:`InMemoryRoiSource` — one loaded :class:`~cache_schema.records.RoiSet` with features
   (CPU or GPU); ``gather`` is one indexing op.
-- :class:`StreamingRoiSource` — a label-only RoiSet for the index plus a callable
-  ``fetch_images(positions) -> RoiSet`` (the store's per-image block reads); ``gather`` fetches
-  the images that hold the asked rows and picks the rows out.
+- :class:`StreamingRoiSource` — a label-only RoiSet for the index plus either
+  ``fetch_rows(positions, rows) -> features`` (the store's row reads: only the inner chunks
+  holding the asked rows are decoded) or ``fetch_images(positions) -> RoiSet`` (whole images, e.g.
+  the detector run online); ``gather`` picks the asked rows out.
 
 Both return bit-identical features for the same rows, so a seed gives the same run on either.
+:func:`gathered_batches` reads a streaming source's next batches on a background thread while
+the current step computes (the sampler is a pure function of the step, so prefetching changes
+nothing but the wall time).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -133,28 +139,37 @@ class InMemoryRoiSource:
 
 
 class StreamingRoiSource:
-    """Train RoIs read image by image through ``fetch_images`` (e.g. the store's block reads).
+    """Train RoIs read from the store (or a detector) batch by batch.
 
     Args:
         index_roiset: label-only RoiSet of the whole train split (``load(level=None)``).
+        fetch_rows: ``(positions int64 [n], rows int64 [n]) -> features [n, *shape]``: RoI
+            ``rows[j]`` (0-based within its image) of image ``positions[j]`` (e.g.
+            ``SplitStore.read_rows``).
         fetch_images: ``positions (int64 [k], ascending) -> RoiSet`` with features of exactly
-            those images, in that order.
+            those images, in that order (used when ``fetch_rows`` is not given).
         num_classes: ``C``.
         feature_shape: per-RoI shape; read from the first non-empty image when ``None``.
+        prefetch_depth: batches :func:`gathered_batches` reads ahead on a background thread.
     """
 
-    def __init__(self, *, index_roiset: RoiSet, fetch_images: Callable[[np.ndarray], RoiSet],
-                 num_classes: int, feature_shape: tuple[int, ...] | None = None) -> None:
+    def __init__(self, *, index_roiset: RoiSet, num_classes: int,
+                 fetch_rows: Callable[[np.ndarray, np.ndarray], np.ndarray | torch.Tensor] | None = None,
+                 fetch_images: Callable[[np.ndarray], RoiSet] | None = None,
+                 feature_shape: tuple[int, ...] | None = None, prefetch_depth: int = 2) -> None:
+        if (fetch_rows is None) == (fetch_images is None):
+            raise ValueError("StreamingRoiSource needs exactly one of fetch_rows and fetch_images")
         self.index = RoiIndex.from_roiset(index_roiset, num_classes=num_classes)
-        self.fetch_images = fetch_images
+        self.fetch_rows, self.fetch_images = fetch_rows, fetch_images
         self._feature_shape = tuple(feature_shape) if feature_shape is not None else None
+        self.prefetch_depth = int(prefetch_depth)
 
     @classmethod
     def from_split(cls, split, *, level: str, num_classes: int) -> "StreamingRoiSource":
         """Bind to a store split (``cache_schema`` ``SplitStore``): the index from
-        ``split.load(level=None)`` (labels only), rows from ``split.load(level=level, images=...)``."""
+        ``split.load(level=None)`` (labels only), features from ``split.read_rows``."""
         return cls(index_roiset=split.load(level=None),
-                   fetch_images=lambda positions: split.load(level=level, images=positions),
+                   fetch_rows=lambda positions, rows: split.read_rows(positions, rows, level=level),
                    num_classes=num_classes, feature_shape=tuple(split.level_shape(level)))
 
     @property
@@ -172,6 +187,12 @@ class StreamingRoiSource:
         rows = np.asarray(rows, dtype=np.int64)
         index = self.index
         blocks = index.blocks_of_rows(rows)
+        if self.fetch_rows is not None:
+            feats = self.fetch_rows(index.images[blocks], rows - index.image_offsets[blocks])
+            feats = torch.from_numpy(np.ascontiguousarray(feats)) if isinstance(feats, np.ndarray) else feats
+            if tuple(feats.shape[:1]) != (len(rows),):
+                raise StoreMismatchError("fetch_rows returned another number of rows than asked; bind it to the same split")
+            return feats, torch.from_numpy(index.labels[rows])
         uniq, where = np.unique(blocks, return_inverse=True)
         positions = index.images[uniq]
         got = self.fetch_images(positions)
@@ -192,6 +213,38 @@ class StreamingRoiSource:
         if not np.array_equal(want, have):
             raise StoreMismatchError("fetch_images returned other RoI counts than the index; the index and the "
                                      "fetch must come from the same store")
+
+
+def gathered_batches(sampler, source: RoiSource, steps: range) -> Iterator[tuple[int, object, torch.Tensor, torch.Tensor]]:
+    """``(step, batch, features, labels)`` for each step: ``sampler.batch(step)`` and
+    ``source.gather(batch.rows)``. A source with ``prefetch_depth > 0`` is read that many steps
+    ahead on one background thread (reads release the GIL in decompression and I/O, so they
+    overlap the step's compute); an error in a read surfaces at its own step."""
+    depth = int(getattr(source, "prefetch_depth", 0))
+
+    def load(step: int) -> tuple:
+        batch = sampler.batch(step)
+        return (batch, *source.gather(batch.rows))
+
+    if depth <= 0:
+        for step in steps:
+            yield (step, *load(step))
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roicache-prefetch")
+    try:
+        todo, pending = iter(steps), deque()
+        for step in todo:
+            pending.append((step, pool.submit(load, step)))
+            if len(pending) >= depth:
+                break
+        while pending:
+            step, future = pending.popleft()
+            following = next(todo, None)
+            if following is not None:
+                pending.append((following, pool.submit(load, following)))
+            yield (step, *future.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_finite(features: torch.Tensor, *, what: str) -> None:

@@ -40,7 +40,7 @@ from heads.config import TrainConfig, config_to_dict, dump_toml, training_identi
 from heads.models import HeadSpec, save_head
 from heads.fasa import FeatureAugmenter
 from heads.monitor import ValRois, per_class_val_loss, prepare_val, val_accuracy
-from heads.sources import NonFiniteFeatureError, RoiIndex, RoiSource, check_finite
+from heads.sources import NonFiniteFeatureError, RoiIndex, RoiSource, check_finite, gathered_batches
 
 _LOSS_RNG_STREAM = 7
 SNAPSHOT_DIR = "snapshots"
@@ -194,12 +194,10 @@ def _run_loop(*, config: TrainConfig, head: nn.Module, spec: HeadSpec, optimizer
     window_steps = window_rois = 0
     last: dict = {"loss": None, "val": None}
     t0 = time.perf_counter()
-    for step in range(start, sch.max_steps):
+    for step, batch, feats, labels in gathered_batches(sampler, source, range(start, sch.max_steps)):
         lr = sch.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = sampler.batch(step)
-        feats, labels = source.gather(batch.rows)
         x = feats.to(device, non_blocking=True).float()
         try:
             check_finite(x, what=f"train step {step}")

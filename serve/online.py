@@ -24,6 +24,7 @@ from cache_schema.runtime import configure_threads, pick_device, sha256_file
 from extract.datasets.images import read_rgb
 from extract.detectors.backends import load_adapter
 from extract.detectors.base import DetectorAdapter
+from extract.matching import match_rois, stored_rows
 from heads.config import TrainConfig
 from heads.models import level_for_head
 from heads.pipeline import FROM_DETECTOR, store_identity
@@ -32,33 +33,47 @@ from heads.train import TrainResult, train_head
 
 
 class DetectorFetch:
-    """``positions -> RoiSet``: runs the frozen detector on those train images, now."""
+    """``positions -> RoiSet``: runs the frozen detector on those train images, now, and keeps
+    their RoIs as the store holds them (the same background subsample, the same row order)."""
 
     def __init__(self, *, adapter: DetectorAdapter, store: Store, level: str) -> None:
         self.adapter = adapter
         self.level = level
         split = store.split("train")
-        self.max_proposals = store.meta.extraction.rois_per_image
+        self.settings = store.meta.extraction
+        self.max_proposals = self.settings.rois_per_image
+        self.sort_by_label = split.row_order == "label"
         source = store.meta.dataset.splits["train"]
         self.image_root = Path(source.image_root)
         self.file_names = split.file_names
         gt = split.gt()
         order = np.argsort(gt.image, kind="stable")
-        self.gt_boxes, self.gt_image = gt.boxes[order], gt.image[order]
+        self.gt_rows, self.gt_image = order, gt.image[order]
+        self.gt_boxes, self.gt_labels = gt.boxes, gt.labels
         self.seconds_in_detector = 0.0
+
+    def _stored(self, out, position: int, rows: np.ndarray) -> np.ndarray:
+        """The detector's RoI features of one image, reduced and ordered as extraction stored them."""
+        labels = match_rois(rois=out.boxes, gt_boxes=self.gt_boxes[rows], gt_labels=self.gt_labels[rows], gt_rows=rows,
+                            num_classes=self.adapter.num_classes, fg_iou=self.settings.fg_iou).labels
+        keep = stored_rows(labels, num_classes=self.adapter.num_classes, background=self.settings.train_bg_per_image,
+                           seed=self.settings.seed, image=position, sort_by_label=self.sort_by_label)
+        return out.features[self.level][keep]
 
     def __call__(self, positions: np.ndarray) -> RoiSet:
         positions = np.asarray(positions, dtype=np.int64)
         lo = np.searchsorted(self.gt_image, positions, side="left")
         hi = np.searchsorted(self.gt_image, positions, side="right")
-        gts = [self.gt_boxes[a:b] for a, b in zip(lo, hi)]
+        rows = [self.gt_rows[a:b] for a, b in zip(lo, hi)]
+        gts = [self.gt_boxes[r] for r in rows]
         t0 = time.perf_counter()
         outs = self.adapter.run([read_rgb(self.image_root / self.file_names[int(p)]) for p in positions], gt_boxes=gts, levels=(self.level,),
                                 max_proposals=self.max_proposals, with_masks=False)
         self.seconds_in_detector += time.perf_counter() - t0
-        counts = np.array([len(o) for o in outs], dtype=np.int64)
+        kept = [self._stored(o, int(p), r) for o, p, r in zip(outs, positions, rows)]
+        counts = np.array([len(k) for k in kept], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)])
-        feats = torch.from_numpy(np.concatenate([o.features[self.level] for o in outs])).float()
+        feats = torch.from_numpy(np.concatenate(kept)).float()
         n = int(offsets[-1])
         # Labels come from the store's index (the sampler already chose rows by them); these
         # placeholder columns only carry the row grouping the source checks.

@@ -208,6 +208,48 @@ def cache_add_overlaps(store: str = typer.Argument(..., help="Store path (opened
         Console().print(f"{store}: split {split} already has mask overlaps; nothing to do")
 
 
+@cache_app.command("migrate")
+@friendly_errors
+def cache_migrate(store: str = typer.Argument(..., help="Store path or URL to convert (left untouched)."),
+                  out: str = typer.Option(..., help="Where to write the schema-2 copy (path or URL)."),
+                  block_images: int = typer.Option(32, help="Images per commit block of the new store."),
+                  resume: bool = typer.Option(False, "--resume", help="Continue an interrupted migration into --out."),
+                  quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")) -> None:
+    """Copy a store into the current layout (schema 2): the same values, far fewer objects."""
+    from cache_schema.migrate import migrate_store
+
+    r = migrate_store(store, out, block_images=block_images, resume=resume, progress=not quiet)
+    Console().print(f"{r.out}: schema {r.source_version} -> 2, {r.images_copied} images copied, "
+                    f"objects {r.objects_before} -> {r.objects_after}{'' if r.complete else ' (incomplete: rerun with --resume)'}")
+
+
+@cache_app.command("synth")
+@friendly_errors
+def cache_synth(out: str = typer.Option(..., help="Store location (path or URL)."),
+                images: int = typer.Option(..., help="Train images."),
+                classes: int = typer.Option(1203, help="Classes (LVIS v1: 1,203)."),
+                rois_per_image: int = typer.Option(300, help="Proposals per image (sets the RoI stride)."),
+                levels: str = typer.Option("fc:1024,pooled:256x7x7", help="Feature levels name:shape (fc is required)."),
+                gt_per_image: float = typer.Option(12.7, help="Mean objects per image (LVIS v1 train: 12.7)."),
+                fg_per_gt: float = typer.Option(4.0, help="Mean foreground proposals per object, besides its GT box."),
+                bg_per_image: int = typer.Option(16, help="Background RoIs per image (as extract --train-bg-per-image)."),
+                sigma: float = typer.Option(2.5, help="Spread of the log-normal class frequencies."),
+                seed: int = typer.Option(0, help="Seed of every draw, recorded in the store."),
+                block_images: int = typer.Option(32, help="Images per commit block."),
+                overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store at --out."),
+                quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")) -> None:
+    """Write a store in the real layout filled with seeded synthetic RoIs, for scale tests."""
+    from extract.synth_store import SynthStoreConfig, parse_levels, synth_store
+
+    config = SynthStoreConfig(images=images, classes=classes, rois_per_image=rois_per_image, levels=parse_levels(levels),
+                              gt_per_image=gt_per_image, fg_per_gt=fg_per_gt, bg_per_image=bg_per_image, sigma=sigma,
+                              seed=seed, block_images=block_images)
+    r = synth_store(out, config, overwrite=overwrite, progress=not quiet)
+    shares = " / ".join(f"{g} {100 * v:.0f}%" for g, v in r.frequency_shares.items())
+    Console().print(f"{r.out}: {r.images} images, {r.rois} RoIs, {r.gt} objects, {r.stored_bytes / 2**20:.1f} MiB stored "
+                    f"in {r.seconds:.1f} s ({r.stored_bytes / 2**20 / max(r.seconds, 1e-9):.0f} MiB/s); classes {shares}")
+
+
 @app.command("demo")
 @friendly_errors
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Run directory; valid artifacts in it are reused."),

@@ -19,7 +19,7 @@ TINY_DATA = SynthConfig(num_classes=6, train_images=16, val_images=10, image_siz
                         min_object_frac=0.15, max_object_frac=0.45, min_visible_pixels=12, seed=3)
 TINY_TRAIN = DetectorTrainConfig(max_steps=30, batch_size=2, lr=0.02, warmup_steps=5, checkpoint_every=1000,
                                  time_budget_s=None, processes=1, threads_per_process=1, seed=0)
-TINY_EXTRACT = ExtractConfig(levels=("pooled", "fc"), rois_per_image=24, batch_size=4, device="cpu", threads=1)
+TINY_EXTRACT = ExtractConfig(levels=("pooled", "fc"), rois_per_image=24, batch_size=4, block_images=8, device="cpu", threads=1)
 
 
 def build_data(root: Path) -> Path:

@@ -231,9 +231,10 @@ def test_overwrite_flag_replaces_an_injected_checkpoint(ctx):
     assert r.exit_code == 0, r.output
 
 
-@pytest.mark.parametrize("array", ["feat/fc", "rois/logits"])
+@pytest.mark.parametrize("array", ["feat/fc"])
 def test_nan_in_val_features_or_logits_is_found_by_validate_and_refused_by_heads_eval(array, ctx):
-    """NaN written through zarr's own API into one stored val RoI."""
+    """NaN written through zarr's own API into one stored val RoI (schema 2 stores no logits: they
+    are recomputed from feat/fc, so a NaN there is the damage they would carry)."""
     import numpy as np
     import zarr
 

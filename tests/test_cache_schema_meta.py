@@ -28,15 +28,17 @@ def test_store_meta_round_trips_through_json():
     again = StoreMeta.from_dict(json.loads(json.dumps(meta.to_dict())))
     assert again == meta
     assert again.detector.levels == {"fc": (16,), "pooled": (4, 2, 2)}
-    assert again.schema_version == SCHEMA_VERSION == 1
+    assert again.schema_version == SCHEMA_VERSION == 2
 
 
 def test_unknown_schema_version_message():
     d = tiny_inputs().meta.to_dict()
-    d["schema_version"] = 2
+    d["schema_version"] = 3
     with pytest.raises(SchemaError) as err:
         StoreMeta.from_dict(d)
-    assert str(err.value) == "store schema version 2 is not supported by this roicache (supports 1); re-extract or upgrade"
+    assert str(err.value) == "store schema version 3 is not supported by this roicache (reads 1, 2); re-extract it or upgrade roicache"
+    d["schema_version"] = 1  # version 1 stays readable
+    assert StoreMeta.from_dict(d).schema_version == 1
 
 
 def test_records_reject_bad_values():
@@ -68,13 +70,36 @@ def test_gt_table_and_split_spec_validation():
         SplitSpec(**{**base, "image_ids": [1], "image_sizes": [[4, 4]], "file_names": ("a",), "gt": replace(gt, image=np.array([1], np.int32))})
 
 
-def test_layout_shapes_and_chunks():
-    layout = split_layout(num_images=3, stride=8, num_gt=5, num_classes=4, levels={"fc": (16,)}, with_masks=True, mask_size=4, image_block=64)
+def test_layout_shapes_and_chunks_version_1():
+    layout = split_layout(num_images=3, stride=8, num_gt=5, num_classes=4, levels={"fc": (16,)}, with_masks=True, mask_size=4,
+                          image_block=64, version=1)
     assert layout["rois/logits"].shape == (24, 5) and layout["rois/logits"].chunks == (8, 5)
     assert layout["rois/mask_logits"].shape == (24, 4, 4) and layout["rois/mask_logits"].np_dtype == np.float16
-    assert layout["feat/fc"].chunks == (8, 16) and layout["feat/fc"].clevel == 1
+    assert layout["feat/fc"].chunks == (8, 16) and layout["feat/fc"].clevel == 1 and layout["feat/fc"].shards is None
     assert layout["images/done"].chunks == (1,) and layout["images/id"].chunks == (3,)
     assert layout["gt/boxes"].shape == (5, 4)
+
+
+def test_layout_version_2_shards_wide_arrays_and_blocks_narrow_ones():
+    # LVIS-like sizes: 1,024 images, stride 320, commit block 32, R50-FPN levels, 1,203 classes.
+    k, b = 320, 32
+    layout = split_layout(num_images=1024, stride=k, num_gt=10, num_classes=1203,
+                          levels={"fc": (1024,), "pooled": (256, 7, 7)}, with_masks=True, mask_size=28, image_block=b)
+    # Narrow arrays and marks: one object per commit block.
+    assert layout["rois/labels"].chunks == (b * k,) and layout["rois/labels"].shards is None
+    assert layout["images/done"].chunks == (b,) and layout["images/num_rois"].chunks == (b,)
+    # pooled: 25,088 B/row -> 8 MB per image; the largest power of two of images within 16 MiB
+    # dividing the block is 2 -> shards of 640 rows; inner chunks of 128 KiB / 25,088 B -> 5 -> 4,
+    # raised to the 8-row minimum.
+    assert layout["feat/pooled"].shards == (2 * k, 256, 7, 7) and layout["feat/pooled"].chunks == (8, 256, 7, 7)
+    # fc: 2,048 B/row -> 655 KB per image -> 16 images (10.5 MB) per shard (32 would pass 16 MiB);
+    # inner chunks of 128 KiB / 2,048 B = 64 rows.
+    assert layout["feat/fc"].shards == (16 * k, 1024) and layout["feat/fc"].chunks == (64, 1024)
+    # logits (float32, 1,204 wide: 4,816 B/row): 1.5 MB per image -> 8 images (12.3 MB) per
+    # shard; inner chunks of 128 KiB / 4,816 B = 27 -> 16 rows.
+    assert layout["rois/logits"].shards == (8 * k, 1204) and layout["rois/logits"].chunks == (16, 1204)
+    assert "rois/logits" not in split_layout(num_images=4, stride=16, num_gt=1, num_classes=3, levels={"fc": (8,)},
+                                             with_masks=False, mask_size=4, image_block=4, store_logits=False)
 
 
 def test_meta_differences_ignore_paths_and_time():

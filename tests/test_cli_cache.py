@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from cache_schema import open_store
 from serve.umbrella import app
 from tests.pipeline_fixtures import TINY_DATA, TINY_EXTRACT
+from tests.store_objects import describe, object_of
 
 REPAIR = "clear them with `roicache cache invalidate STORE --split SPLIT --images ...` and rerun extract with --resume"
 
@@ -54,21 +55,24 @@ def test_good_store_passes_with_its_inputs(tiny_store, tiny_ckpt, tiny_data):
 
 def test_deleted_chunk(copy):
     stride = open_store(copy).split("train").stride
-    (copy / "train" / "feat" / "fc" / "c" / "3" / "0").unlink()
+    obj, holders = object_of(copy, "train", "feat/fc", 3)
+    obj.unlink()
     problem = _one_problem(_invoke("cache", "validate", str(copy)))
-    assert problem == f"train/feat/fc: chunk(s) missing for image 3 (rows {3 * stride}-{4 * stride - 1}); {REPAIR}"
+    assert problem == f"train/feat/fc: object(s) missing for {describe(holders, stride)}; {REPAIR}"
 
 
 def test_the_repair_it_names_works(copy, tiny_ckpt, tiny_data):
     """validate → `roicache cache invalidate` → `extract --resume` → validate ok."""
     from extract.writer import extract
 
-    (copy / "train" / "feat" / "fc" / "c" / "3" / "0").unlink()
+    obj, holders = object_of(copy, "train", "feat/fc", 3)
+    obj.unlink()
     assert _invoke("cache", "validate", str(copy)).exit_code == 1
-    r = _invoke("cache", "invalidate", str(copy), "--split", "train", "--images", "3")
+    # The images the report names (every image of the lost object) are the ones to clear.
+    r = _invoke("cache", "invalidate", str(copy), "--split", "train", "--images", f"{holders[0]}-{holders[-1]}")
     assert r.exit_code == 0, r.output
     problem = _one_problem(_invoke("cache", "validate", str(copy)))
-    assert "1 of" in problem and "--resume" in problem
+    assert f"{len(holders)} of" in problem and "--resume" in problem
     extract(ckpt=tiny_ckpt, data=tiny_data, out=str(copy), config=replace(TINY_EXTRACT, resume=True), progress=False)
     assert _invoke("cache", "validate", str(copy)).exit_code == 0
     assert "must list positions" in _invoke("cache", "invalidate", str(copy), "--split", "train",
@@ -76,11 +80,11 @@ def test_the_repair_it_names_works(copy, tiny_ckpt, tiny_data):
 
 
 def test_truncated_chunk(copy):
-    chunk = copy / "val" / "rois" / "logits" / "c" / "2" / "0"
+    chunk, holders = object_of(copy, "val", "rois/mask_logits", 2)
     chunk.write_bytes(chunk.read_bytes()[:-5])
-    k = TINY_EXTRACT.rois_per_image  # val has no GT rows appended: stride = rois per image
+    k = open_store(copy).split("val").stride
     problem = _one_problem(_invoke("cache", "validate", str(copy)))
-    assert problem == f"val/rois/logits: chunk(s) corrupt or truncated for image 2 (rows {2 * k}-{3 * k - 1}); {REPAIR}"
+    assert problem == f"val/rois/mask_logits: object(s) corrupt or truncated for {describe(holders, k)}; {REPAIR}"
     # --shallow lists files without decoding them, so it cannot see a truncation.
     assert _invoke("cache", "validate", str(copy), "--shallow").exit_code == 0
 
@@ -91,7 +95,7 @@ def test_wrong_schema_version(copy):
     doc["attributes"]["roicache"]["schema_version"] = 7
     meta.write_text(json.dumps(doc))
     problem = _one_problem(_invoke("cache", "validate", str(copy)))
-    assert problem == "store schema version 7 is not supported by this roicache (supports 1); re-extract or upgrade"
+    assert problem == "store schema version 7 is not supported by this roicache (reads 1, 2); re-extract it or upgrade roicache"
 
 
 def test_other_checkpoint_than_recorded(tiny_store, tiny_ckpt, tmp_path):
@@ -191,7 +195,7 @@ def test_quick_validation_decodes_a_seeded_sample(copy):
     assert quick.sampled == {"train": 3, "val": 3} and quick.chunks_checked == again.chunks_checked
     assert quick.chunks_checked < full.chunks_checked
     # A chunk missing anywhere is still found: presence is checked for every image.
-    (copy / "train" / "feat" / "fc" / "c" / "3" / "0").unlink()
+    object_of(copy, "train", "feat/fc", 3)[0].unlink()
     assert not validate_store(copy, sample=3).ok
     r = _invoke("cache", "validate", str(copy), "--quick", "--full")
     assert r.exit_code == 2 and "contradict" in r.stderr

@@ -158,12 +158,12 @@ def test_unreadable_image_midway_leaves_an_incomplete_store(tiny_ckpt, tiny_data
     victim = sorted((data / "images" / "val").iterdir())[5]
     victim.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
     out = tmp_path / "store.zarr"
-    line = _one_error_line(_run(tiny_ckpt, data, out, "--splits", "val"))
+    line = _one_error_line(_run(tiny_ckpt, data, out, "--splits", "val", "--block-images", "4"))
     assert line.startswith(f"error: cannot read image {victim} (") and "replace the file or regenerate the dataset" in line
     store = open_store(out)
     assert not store.is_complete
     done = store.split("val").done()
-    # Batches of 4: images 0-3 were written, the batch holding image 5 never ran.
+    # Commit blocks of 4: images 0-3 were written, the block holding image 5 never completed.
     np.testing.assert_array_equal(done, np.arange(TINY_DATA.val_images) < 4)
     assert validate_store(out).incomplete == {"val": TINY_DATA.val_images - 4}
 

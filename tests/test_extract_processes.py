@@ -28,7 +28,9 @@ from tests.pipeline_fixtures import TINY_DATA, TINY_EXTRACT
 EXTRACT = str(Path(sys.executable).with_name("extract"))
 # The settings of tests.pipeline_fixtures.TINY_EXTRACT, spelled as the command line takes them.
 SAME_SETTINGS = ["--levels", "pooled,fc", "--rois-per-image", str(TINY_EXTRACT.rois_per_image),
-                 "--batch-size", str(TINY_EXTRACT.batch_size), "--device", "cpu", "--threads", "1", "--quiet"]
+                 "--batch-size", str(TINY_EXTRACT.batch_size), "--block-images", str(TINY_EXTRACT.block_images),
+                 "--device", "cpu", "--threads", "1", "--quiet"]
+BLOCK = TINY_EXTRACT.block_images
 PROCESS_TIMEOUT_S = 120
 SPLIT_SIZES = (TINY_DATA.train_images, TINY_DATA.val_images)
 N_IMAGES = sum(SPLIT_SIZES)
@@ -71,9 +73,11 @@ def test_two_concurrent_shard_processes_equal_one_process(tiny_ckpt, tiny_data, 
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (1, 0)]
     logs = [p.communicate(timeout=PROCESS_TIMEOUT_S)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
-    # Each shard wrote exactly its own fixed batches (group g -> shard g % 2).
+    # Each shard wrote exactly its own commit blocks (block b -> shard b % 2).
     for log, index in zip(logs, (1, 0)):
-        mine = sum(len(g) for n in SPLIT_SIZES for g in batch_groups(n, TINY_EXTRACT.batch_size, Shard(index=index, count=2)))
+        mine = sum(len(g) for n in SPLIT_SIZES
+                   for g in batch_groups(n, TINY_EXTRACT.batch_size, Shard(index=index, count=2), block=BLOCK))
+        assert 0 < mine < N_IMAGES
         assert re.search(rf"wrote {mine} images", log), log
     # Whichever shard finished last saw every image done and marked the store complete.
     assert sum("store complete" in " ".join(log.split()) for log in logs) >= 1
@@ -100,8 +104,8 @@ def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tiny_ckpt, tiny_
     proc = subprocess.Popen(_command(tiny_ckpt, tiny_data, out), env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # Past the first fixed batch: the resumed run must keep finished batches and redo the rest.
-        _wait_for_done(out, proc, TINY_EXTRACT.batch_size + 1)
+        # Past the first commit block: the resumed run must keep finished blocks and redo the rest.
+        _wait_for_done(out, proc, BLOCK)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
@@ -116,9 +120,9 @@ def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tiny_ckpt, tiny_
     assert 0 < finished < N_IMAGES
     report = validate_store(out)
     assert not report.ok and sum(report.incomplete.values()) == N_IMAGES - finished
-    # --resume re-runs every fixed batch that still holds an unfinished image, whole.
-    rerun = sum(len(g) for d in done.values() for g in batch_groups(len(d), TINY_EXTRACT.batch_size, Shard())
-                if not d[g].all())
+    # --resume re-runs every commit block that still holds an unfinished image, whole.
+    rerun = sum(len(g) for d in done.values() for g in batch_groups(len(d), TINY_EXTRACT.batch_size, Shard(), block=BLOCK)
+                if not d[g[0] // BLOCK * BLOCK:(g[0] // BLOCK + 1) * BLOCK].all())
     assert N_IMAGES - finished <= rerun < N_IMAGES
 
     result = CliRunner().invoke(extract_app, ["--ckpt", str(tiny_ckpt), "--data", str(tiny_data), "--out", str(out),
@@ -127,3 +131,40 @@ def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tiny_ckpt, tiny_
     assert re.search(rf"wrote {rerun} images", result.output), result.output
     _assert_same_store(out, tiny_store)
     assert validate_store(out).ok
+
+
+@pytest.mark.slow  # several fresh interpreters, each killed: ~30-60 s on 2 shared cores
+def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tiny_ckpt, tiny_data, tiny_store, tmp_path):
+    """Kill -9 at seeded random moments (creation, mid-block, between blocks), resume each time,
+    until a run completes: the store equals the uninterrupted one."""
+    out = tmp_path / "killed.zarr"
+    rng = np.random.default_rng(13)
+    kills = 0
+    for attempt in range(12):
+        resume = ["--resume"] if (out / "zarr.json").exists() and _initialized(out) else ["--overwrite"] * out.exists()
+        proc = subprocess.Popen(_command(tiny_ckpt, tiny_data, out, *resume), env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            # Start-up alone is ~3 s and a whole run ~5-10 s; later attempts wait longer, so the loop
+            # ends, and kills land at creation, mid-block and between blocks.
+            proc.wait(timeout=float(rng.uniform(1.0, 4.0)) + attempt)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=PROCESS_TIMEOUT_S)
+            kills += 1
+            continue
+        assert proc.returncode == 0, proc.stderr.read()
+        break
+    else:
+        raise AssertionError("extraction never completed between kills")
+    assert kills >= 1, "no kill landed: lengthen the run or shorten the waits"
+    _assert_same_store(out, tiny_store)
+    assert validate_store(out).ok
+
+
+def _initialized(out: Path) -> bool:
+    try:
+        open_store(out)
+        return True
+    except (SchemaError, ValueError, OSError):
+        return False

@@ -39,7 +39,7 @@ def test_hdf5_export_equals_store(built, tmp_path):
         for spec in inputs.specs:
             split = store.split(spec.name)
             g = h5[spec.name]
-            assert json.loads(g.attrs["roicache_split"])["roi_stride"] == spec.stride
+            assert json.loads(g.attrs["roicache_split"])["roi_stride"] == split.stride
             counts = split.num_rois()
             assert np.array_equal(g["images/roi_offsets"][:], np.concatenate([[0], np.cumsum(counts)]))
             assert np.array_equal(g["images/id"][:], spec.image_ids)
