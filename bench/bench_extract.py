@@ -40,8 +40,7 @@ from cache_schema.runtime import configure_threads
 from extract.detectors.adapter import TorchvisionAdapter
 from extract.progress import ExtractProgress
 from extract.sharding import Shard, batch_groups
-from extract.matching import match_rois
-from extract.writer import ExtractConfig, _load_split, _run_split, extract
+from extract.writer import ExtractConfig, _BlockCommitter, _label_batch, _load_split, _run_split, extract
 
 
 # --------------------------------------------------------------------------- P3: extraction
@@ -66,25 +65,29 @@ def _read(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def bench_extraction(store_path: Path, *, n: int, repeats: int) -> str:
-    real = open_store(store_path)
-    meta = real.meta
-    ckpt = Path(meta.detector.checkpoint_path)
-    data = Path(meta.dataset.splits["train"].annotation_path).parent
-    levels = tuple(real.split("train").levels)
+def bench_extraction(store_path: Path, *, n: int, repeats: int, ckpt: Path | None = None,
+                     data: Path | None = None) -> str:
+    if ckpt is None or data is None:  # the detector, data and settings a real store was made with
+        real = open_store(store_path)
+        meta = real.meta
+        ckpt = Path(meta.detector.checkpoint_path)
+        data = Path(meta.dataset.splits["train"].annotation_path).parent
+        levels, rois_per_image = tuple(real.split("train").levels), meta.extraction.rois_per_image
+    else:
+        levels, rois_per_image = ("pooled", "fc"), None
     configure_threads(1)
     work = C.BENCH_OUT / "extract"
     sub = _subset_dataset(data, work / "data", n)
     out = work / "store.zarr"
-    config = ExtractConfig(splits=("train",), levels=levels, rois_per_image=meta.extraction.rois_per_image,
+    config = ExtractConfig(splits=("train",), levels=levels, rois_per_image=rois_per_image,
                            batch_size=4, device="cpu", threads=1, overwrite=True)
     # Creates the store and fills it once (also the warm-up of the extract mode).
     extract(ckpt=ckpt, data=sub, out=str(out), config=config, progress=False)
     adapter = TorchvisionAdapter.from_checkpoint(ckpt, device="cpu")
     s = _load_split(sub, "train", adapter)
-    rpi = config.rois_per_image
+    rpi = config.rois_per_image or adapter.default_proposals
     store = open_for_resume(str(out), open_store(out).meta)
-    groups = batch_groups(len(s.annset), config.batch_size, Shard())
+    groups = batch_groups(len(s.annset), config.batch_size, Shard(), block=store.split("train").commit_block)
     everything = np.arange(len(s.annset))
 
     def reset() -> None:  # untimed: clear the done marks so the next run rewrites every image
@@ -109,8 +112,8 @@ def bench_extraction(store_path: Path, *, n: int, repeats: int) -> str:
                 model(ims)
 
     split = store.split("train")
-    # The writes mode replays what extraction does after the detector (IoU matching, then
-    # split.write_image per image) on adapter outputs computed once up front, single-threaded.
+    # The writes mode replays what extraction does after the detector (IoU matching, row order,
+    # commit blocks) on adapter outputs computed once up front, single-threaded.
     cached_outputs = {}
     for g in groups:
         gts = [s.gt.boxes[s.gt_rows_of_image[p]] for p in g]
@@ -119,15 +122,13 @@ def bench_extraction(store_path: Path, *, n: int, repeats: int) -> str:
             cached_outputs[p] = o
 
     def run_writes() -> None:
-        for p, out in cached_outputs.items():
-            rows = s.gt_rows_of_image[p]
-            m = match_rois(rois=out.boxes, gt_boxes=s.gt.boxes[rows], gt_labels=s.gt.labels[rows], gt_rows=rows,
-                           num_classes=adapter.num_classes, fg_iou=config.fg_iou)
-            arrays = {"rois/boxes": out.boxes, "rois/objectness": out.objectness, "rois/is_gt": out.is_gt,
-                      "rois/labels": m.labels, "rois/ious": m.ious, "rois/gt_index": m.gt_index,
-                      "rois/logits": out.logits, "rois/reg_boxes": out.reg_boxes}
-            arrays.update({f"feat/{lv}": out.features[lv] for lv in levels})
-            split.write_image(p, arrays=arrays)
+        # What the writer thread does after the detector: matching, row selection and order, then
+        # block commits (the same functions extraction calls).
+        committer = _BlockCommitter(split)
+        for g in groups:
+            images = _label_batch(split, s, g, [cached_outputs[p] for p in g], config, adapter.num_classes, False,
+                                  adapter.stage_fg_iou)
+            committer.add(g, images)
 
     t = C.interleave({"extract": run_extract, "adapter": run_adapter, "torchvision": run_torchvision,
                       "match+write": run_writes},
@@ -290,13 +291,15 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=48, help="extraction: train images per run")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--read-levels", default="fc,pooled")
+    ap.add_argument("--ckpt", type=Path, default=None, help="extraction part: this detector (with --data) instead of the store's")
+    ap.add_argument("--data", type=Path, default=None, help="extraction part: this dataset directory")
     ap.add_argument("--out", type=Path, default=C.BENCH_OUT / "bench_extract.md")
     a = ap.parse_args()
     n, reps = (8, 2) if a.quick else (a.images, a.repeats)
     blocks = []
     parts = a.parts.split(",")
     if "extract" in parts:
-        blocks.append(bench_extraction(a.store, n=n, repeats=reps))
+        blocks.append(bench_extraction(a.store, n=n, repeats=reps, ckpt=a.ckpt, data=a.data))
     if "bytes" in parts:
         blocks.append(bench_bytes(a.store, sample=8 if a.quick else 64))
     if "read" in parts:

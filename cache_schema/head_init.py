@@ -24,13 +24,19 @@ def _group_path(stage: int) -> str:
     return GROUP if stage == 0 else f"{GROUP}/stage{int(stage)}"
 
 
+def _root(target):
+    """The root zarr group of ``target``: a Store (opened r+) or the root group itself (what
+    ``create_store(extras=...)`` hands over while the store is being created)."""
+    return getattr(target, "group", target)
+
+
 def write_head_weights(store, state: dict[str, np.ndarray], *, stage: int = 0) -> None:
     """Write ``state`` (float32 arrays keyed by :data:`HEAD_KEYS`) of cascade stage ``stage`` (0
-    for a single-stage detector) into ``store`` (opened r+)."""
+    for a single-stage detector) into ``store`` (a Store opened r+, or its root group)."""
     missing = [k for k in HEAD_KEYS if k not in state]
     if missing:
         raise SchemaError(f"detector head weights lack {missing}; the adapter must export {list(HEAD_KEYS)}")
-    group = store.group.require_group(_group_path(stage))
+    group = _root(store).require_group(_group_path(stage))
     for key in HEAD_KEYS:
         value = np.ascontiguousarray(state[key], dtype=np.float32)
         arr = group.create_array(name=key, shape=value.shape, chunks=value.shape, dtype=np.float32, overwrite=True)
@@ -51,8 +57,8 @@ def read_head_weights(store, *, stage: int = 0) -> dict[str, np.ndarray]:
 
 
 def write_box_regression(store, reg: BoxRegression) -> None:
-    """Write ``reg`` into ``store``'s ``detector_head/`` group (opened r+)."""
-    group = store.group.require_group(GROUP)
+    """Write ``reg`` into ``store``'s ``detector_head/`` group (a Store opened r+, or its root group)."""
+    group = _root(store).require_group(GROUP)
     for key, value in zip(REG_KEYS, (reg.weight, reg.bias)):
         arr = group.create_array(name=key, shape=value.shape, chunks=value.shape, dtype=np.float32, overwrite=True)
         arr[...] = value

@@ -8,6 +8,7 @@ A store is usable for reading once ``attrs["initialized"]`` is true (every table
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
@@ -253,8 +254,13 @@ def create_store(
     classes: ClassInfo,
     splits: list[SplitSpec],
     overwrite: bool = False,
+    extras: Callable[[zarr.Group], None] | None = None,
 ) -> Store:
     """Create an empty store: every array, the image/GT/class tables and the metadata.
+
+    ``extras(root_group)`` writes whatever else belongs to a new store (the detector head, the
+    evaluation ground truth) before it is marked initialized, so that a crash anywhere in
+    creation leaves a store that reads as not initialized — never one that resumes without them.
 
     Refuses a location holding anything but a roicache store, and an existing store unless
     ``overwrite`` (to continue an interrupted extraction use :func:`open_for_resume`). The store
@@ -276,6 +282,8 @@ def create_store(
     _write_classes(root.create_group("classes"), classes)
     for spec in splits:
         _create_split(root.create_group(spec.name), spec, meta)
+    if extras is not None:
+        extras(root)
     root.attrs[INITIALIZED_ATTR] = True
     return open_store(location, mode="r+")
 

@@ -225,18 +225,20 @@ def _open_or_create(out: str, meta: StoreMeta, adapter: DetectorAdapter, inputs:
         return _wait_for_store(out, meta, config.wait_for_store_s)
     classes = class_statistics(next(s.annset for s in inputs if s.name == "train")) if any(
         s.name == "train" for s in inputs) else class_statistics(inputs[0].annset)
-    store = create_store(out, meta=meta, classes=classes, overwrite=overwrite,
-                         splits=[_split_spec(s, config, rois_per_image, keeps_masks(s.name, adapter)) for s in inputs])
-    for stage in range(max(1, len(adapter.stage_fg_iou))):
-        write_head_weights(store, adapter.head_state(stage), stage=stage)
-    reg = adapter.box_regression()
-    if reg is not None:
-        write_box_regression(store, reg)
-    for s in inputs:  # cached evaluation without the json (cache_schema.eval_gt)
-        record = eval_ground_truth(s.annset) if store.split(s.name).mask_overlaps else None
-        if record is not None:
-            write_eval_gt(store.split(s.name).group, record)
-    return store
+    specs = [_split_spec(s, config, rois_per_image, keeps_masks(s.name, adapter)) for s in inputs]
+
+    def extras(root) -> None:  # part of creation: a crash before the end leaves "not initialized"
+        for stage in range(max(1, len(adapter.stage_fg_iou))):
+            write_head_weights(root, adapter.head_state(stage), stage=stage)
+        reg = adapter.box_regression()
+        if reg is not None:
+            write_box_regression(root, reg)
+        for s, spec in zip(inputs, specs):  # cached evaluation without the json (cache_schema.eval_gt)
+            record = eval_ground_truth(s.annset) if spec.mask_overlaps else None
+            if record is not None:
+                write_eval_gt(root[s.name], record)
+
+    return create_store(out, meta=meta, classes=classes, overwrite=overwrite, splits=specs, extras=extras)
 
 
 def _wait_for_store(out: str, meta: StoreMeta, timeout_s: float) -> Store:

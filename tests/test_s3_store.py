@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from cache_schema import meta_differences, open_store
+from cache_schema import meta_differences, open_store, validate_store
+from cache_schema.errors import RoicacheError
 from extract.cli import app as extract_app
 from heads.cli import app as heads_app
 from heads.models import load_head
@@ -35,7 +37,8 @@ EXTRACT = str(Path(sys.executable).with_name("extract"))
 ROICACHE = str(Path(sys.executable).with_name("roicache"))
 # tests.pipeline_fixtures.TINY_EXTRACT as extract's command line spells it.
 SETTINGS = ["--levels", ",".join(TINY_EXTRACT.levels), "--rois-per-image", str(TINY_EXTRACT.rois_per_image),
-            "--batch-size", str(TINY_EXTRACT.batch_size), "--device", "cpu", "--threads", "1", "--quiet"]
+            "--batch-size", str(TINY_EXTRACT.batch_size), "--block-images", str(TINY_EXTRACT.block_images),
+            "--device", "cpu", "--threads", "1", "--quiet"]
 TRAIN = ["--steps", "12", "--milestones", "8", "--seed", "4", "--threads", "1", "--quiet"]
 PROCESS_TIMEOUT_S = 180
 
@@ -135,6 +138,39 @@ def test_two_shard_processes_write_one_s3_store(s3: S3, tiny_ckpt, tiny_data, ti
     assert [p.returncode for p in procs] == [0, 0], logs
     assert sum("store complete" in " ".join(log.split()) for log in logs) >= 1, logs
     assert_same_store(url, tiny_store)
+
+
+@pytest.mark.slow  # several fresh interpreters, each killed, extracting over HTTP: ~60 s
+def test_sigkill_at_random_points_into_s3_then_resume_equals_an_uninterrupted_run(s3: S3, tiny_ckpt, tiny_data,
+                                                                                 tiny_store):
+    """Kill -9 at seeded random moments while extracting into S3, resume each time: the store
+    equals the uninterrupted one (an S3 PUT is atomic, the done marks of a block go last)."""
+    url = f"s3://{s3.bucket()}/store.zarr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    rng = np.random.default_rng(17)
+    kills = 0
+    for attempt in range(12):
+        try:
+            open_store(url)
+            again = ["--resume"]
+        except RoicacheError:
+            again = ["--overwrite"] if s3.keys(url) else []  # killed while creating it
+        proc = subprocess.Popen([EXTRACT, *extract_args(tiny_ckpt, tiny_data, url), *again], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=float(rng.uniform(2.0, 6.0)) + 2 * attempt)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=PROCESS_TIMEOUT_S)
+            kills += 1
+            continue
+        assert proc.returncode == 0, proc.stderr.read()
+        break
+    else:
+        raise AssertionError("extraction into S3 never completed between kills")
+    assert kills >= 1, "no kill landed: lengthen the run or shorten the waits"
+    assert_same_store(url, tiny_store)
+    assert validate_store(url).ok
 
 
 def test_extract_refuses_a_prefix_holding_other_objects(s3: S3, tiny_ckpt, tiny_data):
