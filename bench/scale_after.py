@@ -119,7 +119,7 @@ def main() -> None:
         "store's labels)\n",
         f"- RoIs used {used:.0f} from {imgs:.1f} images; decoded by row reads (inner chunks of "
         f"{split.array('feat/pooled').chunks[0]} rows) {dec_rows:.0f} ({dec_rows / used:.1f}x); by whole-image reads "
-        f"{dec_whole:.0f} ({dec_whole / used:.1f}x; schema 1 at all proposals: ~10x, before.md)",
+        f"{dec_whole:.0f} ({dec_whole / used:.1f}x; schema 1 at all proposals: ~10x, docs/scale.md before)",
         "",
         C.table(["steps/s", "pooled MiB/s decoded (row reads)", "pooled MiB/s decoded (whole images)"], bw),
     ])

@@ -1,4 +1,4 @@
-"""Direct row reads of a local store's per-RoI arrays, beside zarr's own reader.
+"""Direct row reads (and whole-object writes) of a local store's per-RoI arrays, beside zarr's own.
 
 Why it exists (bench/bench_store_read.py, bench/RESULTS.md): reading the rows a training batch
 or a full load needs through zarr 3.1 costs ~1-10 ms of Python per inner chunk (its coordinate
@@ -41,7 +41,7 @@ _EMPTY = np.uint64(2**64 - 1)  # zarr's shard-index marker of an inner chunk tha
 _POOL: tuple[int, ThreadPoolExecutor] | None = None
 
 
-def _pool() -> ThreadPoolExecutor:
+def io_pool() -> ThreadPoolExecutor:
     """One pool per process (keyed by pid: a forked child inherits the object, not the threads)."""
     global _POOL
     if _POOL is None or _POOL[0] != os.getpid():
@@ -171,7 +171,7 @@ class RowReader:
             n = min(len(groups), 4 * min(16, 2 * available_cores()))
             edges = np.linspace(0, len(groups), n + 1).astype(int)
             batches = [groups[a:b] for a, b in zip(edges[:-1], edges[1:])]
-            for _ in _pool().map(lambda batch: [one(g) for g in batch], batches):
+            for _ in io_pool().map(lambda batch: [one(g) for g in batch], batches):
                 pass
         return out
 
@@ -196,3 +196,88 @@ def zarr_rows(arr: zarr.Array, rows: np.ndarray) -> np.ndarray:
         for j, values in enumerate(sync(fetch()), start=w):
             out[offsets[j]:offsets[j + 1]] = np.asarray(values)
     return out
+
+
+_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+
+
+class BlockWriter:
+    """Direct writes of whole objects (chunks, or shards) of one array of a local store: the
+    same bytes zarr writes (tested byte for byte), without its per-chunk Python and event loop.
+
+    Why (bench_extract.py, RESULTS.md): zarr's sharding encoder spent ~24 ms of CPU per image of
+    the embedded detector committing its RoIs, most of it Python per inner chunk; here it is
+    ~19 ms including labelling and padding, the bulk in Blosc and crc32c (which release the GIL),
+    and one file write per object, atomically (a temporary file, then a rename, as zarr's local
+    store does).
+    """
+
+    def __init__(self, arr: zarr.Array, reader: RowReader, blosc: BloscCodec | None, skip_empty: bool) -> None:
+        self.reader, self.skip_empty = reader, skip_empty
+        self.dtype = reader.dtype
+        self._blosc = None if blosc is None else _blosc.Blosc(
+            cname=blosc.cname.value, clevel=blosc.clevel, shuffle=_SHUFFLE[blosc.shuffle.value],
+            blocksize=blosc.blocksize, typesize=blosc.typesize)
+        self.rows = arr.shape[0]
+
+    @classmethod
+    def for_array(cls, arr: zarr.Array) -> "BlockWriter | None":
+        """A direct writer of ``arr`` (as opened for writing: its ``write_empty_chunks`` decides
+        whether all-zero inner chunks are left out of a shard), or ``None`` for zarr."""
+        reader = RowReader.for_array(arr)
+        if reader is None:
+            return None
+        chain = arr.metadata.codecs[0].codecs if reader._sharded else arr.metadata.codecs
+        blosc = next((c for c in chain if isinstance(c, BloscCodec)), None)
+        if blosc is not None and (blosc.typesize is None or blosc.shuffle.value not in _SHUFFLE):
+            return None
+        return cls(arr, reader, blosc, skip_empty=reader._sharded and not arr.config.write_empty_chunks)
+
+    def aligned(self, start: int, stop: int) -> bool:
+        """Whether rows ``[start, stop)`` are whole objects (the last may end at the array's end)."""
+        per = self.reader.object_rows
+        return start % per == 0 and (stop % per == 0 or stop == self.rows)
+
+    def _chunk(self, values: np.ndarray) -> bytes:
+        raw = np.ascontiguousarray(values, dtype=self.dtype).reshape(-1).view(np.uint8)
+        body = raw.tobytes() if self._blosc is None else self._blosc.encode(raw)
+        return bytes(body) + google_crc32c.value(body).to_bytes(4, "little")
+
+    def _object(self, values: np.ndarray) -> bytes | None:
+        """Encoded object of ``object_rows`` rows (zero-padded past the array's end)."""
+        r = self.reader
+        if not r._sharded:
+            return self._chunk(values)
+        index = np.full((r.per_object, 2), np.iinfo(np.uint64).max, dtype="<u8")
+        parts, offset = [], 0
+        for j in range(r.per_object):
+            chunk = values[j * r.chunk_rows:(j + 1) * r.chunk_rows]
+            if self.skip_empty and not chunk.any():
+                continue  # zarr leaves all-fill inner chunks out; they read as zeros
+            data = self._chunk(chunk)
+            index[j] = (offset, len(data))
+            parts.append(data)
+            offset += len(data)
+        if not parts:
+            return None
+        raw_index = index.tobytes()
+        return b"".join(parts) + raw_index + google_crc32c.value(raw_index).to_bytes(4, "little")
+
+    def write(self, start: int, values: np.ndarray) -> None:
+        """Write rows ``[start, start + len(values))``, whole objects (:meth:`aligned`)."""
+        r = self.reader
+        per = r.object_rows
+        for a in range(0, len(values), per):
+            obj = (start + a) // per
+            block = values[a:a + per]
+            if len(block) < per:  # the array's last object: zarr stores it full-size
+                block = np.concatenate([block, np.zeros((per - len(block), *block.shape[1:]), dtype=block.dtype)])
+            data = self._object(block)
+            path = r._root / r._key((obj, *r._tail))
+            if data is None:
+                path.unlink(missing_ok=True)  # as zarr deletes a shard left with nothing in it
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{id(block)}.partial")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)

@@ -73,6 +73,7 @@ class SplitStore(SplitWriter):
         self.stage: int | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._readers: dict[str, RowReader | None] = {}
+        self._writers: dict = {}
 
     # ----------------------------------------------------------------- arrays and tables
     def array(self, path: str) -> zarr.Array:

@@ -9,6 +9,7 @@ import numpy as np
 from zarr.core.sync import sync
 
 from cache_schema.errors import ConfigError, SchemaError
+from cache_schema.rowio import BlockWriter, io_pool
 
 
 class SplitWriter:
@@ -44,21 +45,35 @@ class SplitWriter:
             # Clear the marks first so that a crash while rewriting leaves the images "not done".
             done[start:stop] = 0
         counts = np.asarray([n for _, n in prepared], dtype=np.int32)
-        targets = []
+        targets, direct = [], []
         for path, (dtype, trailing) in self.roi_array_paths().items():
             block = np.zeros((n_img * k, *trailing), dtype=dtype)
             for j, (values, n) in enumerate(prepared):
                 block[j * k:j * k + n] = values[path]
-            targets.append((self.array(path).async_array, slice(start * k, stop * k), block))
+            writer = self._writer(path)
+            if writer is not None and writer.aligned(start * k, stop * k):
+                direct.append((writer, block))
+            else:
+                targets.append((self.array(path).async_array, slice(start * k, stop * k), block))
         targets.append((self.array("images/num_rois").async_array, slice(start, stop), counts))
 
         async def put_all() -> None:
-            # Every array (and the counts) at once: zarr overlaps encoding and object writes.
+            # Every zarr-written array (and the counts) at once: zarr overlaps encoding and writes.
             # Readers trust num_rois only once done is set.
             await asyncio.gather(*(arr.setitem(sel, v) for arr, sel, v in targets))
 
+        # Whole objects of a local store: encoded and written directly, one thread per array
+        # (Blosc and crc32c release the GIL), while zarr writes the rest.
+        futures = [io_pool().submit(w.write, start * k, b) for w, b in direct]
         sync(put_all())
+        for f in futures:
+            f.result()
         done[start:stop] = 1
+
+    def _writer(self, path: str) -> BlockWriter | None:
+        if path not in self._writers:
+            self._writers[path] = BlockWriter.for_array(self.array(path))
+        return self._writers[path]
 
     def _prepare(self, i: int, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         expected = self.roi_array_paths()
