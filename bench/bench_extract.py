@@ -68,7 +68,7 @@ def _read(path: Path) -> np.ndarray:
 
 
 def bench_extraction(store_path: Path, *, n: int, repeats: int, ckpt: Path | None = None,
-                     data: Path | None = None) -> str:
+                     data: Path | None = None, torchvision: bool = True) -> str:
     if ckpt is None or data is None:  # the detector, data and settings a real store was made with
         real = open_store(store_path)
         meta = real.meta
@@ -132,14 +132,15 @@ def bench_extraction(store_path: Path, *, n: int, repeats: int, ckpt: Path | Non
                                   adapter.stage_fg_iou)
             committer.add(g, images)
 
-    t = C.interleave({"extract": run_extract, "adapter": run_adapter, "torchvision": run_torchvision,
-                      "match+write": run_writes},
+    modes = {"extract": run_extract, "adapter": run_adapter, "torchvision": run_torchvision, "match+write": run_writes}
+    if not torchvision:  # 8x slower than the rest: left out of long runs
+        del modes["torchvision"]
+    t = C.interleave(modes,
                      repeats=repeats, warmup=True, setup={"extract": reset, "match+write": reset})
     rois = int(split.num_rois()[split.done()].sum())
     rows = [[m, C.fmt_s(t.median(m)), f"{1000 * t.median(m) / n:.1f} ms", f"{n / t.median(m):.2f}",
              f"{1000 * statistics.median(t.cpu[m]) / n:.1f} ms"]
-            for m in ("extract", "adapter", "torchvision", "match+write")]
-    vs_tv, vs_ad = t.median_ratio("extract", "torchvision"), t.median_ratio("extract", "adapter")
+            for m in modes]
     overhead = (t.median("extract") - t.median("adapter")) / n
     hdr = C.header("P3 — extraction vs bare inference", extra={
         "what": f"first {n} train images of {data}, batches of 4, 1 torch thread, levels {','.join(levels)}, "
@@ -147,12 +148,9 @@ def bench_extraction(store_path: Path, *, n: int, repeats: int, ckpt: Path | Non
         "repeats": f"{repeats} interleaved (order rotated), after one untimed warm-up each",
         "timing": C.load_line(t)})
     body = C.table(["mode", "median wall", "per image", "images/s", "CPU time per image (all threads)"], rows)
+    pairs = [("extract", "adapter")] + ([("extract", "torchvision"), ("adapter", "torchvision")] if torchvision else [])
     ratios = C.table(["ratio (median of per-repeat ratios)", "value", "per-repeat"], [
-        ["extract / torchvision inference", f"{vs_tv:.3f}x", ", ".join(f"{r:.3f}" for r in t.ratios("extract", "torchvision"))],
-        ["extract / bare adapter", f"{vs_ad:.3f}x", ", ".join(f"{r:.3f}" for r in t.ratios("extract", "adapter"))],
-        ["adapter / torchvision inference", f"{t.median_ratio('adapter', 'torchvision'):.3f}x",
-         ", ".join(f"{r:.3f}" for r in t.ratios("adapter", "torchvision"))],
-    ])
+        [f"{a} / {b}", f"{t.median_ratio(a, b):.3f}x", ", ".join(f"{r:.3f}" for r in t.ratios(a, b))] for a, b in pairs])
     hidden = 1 - overhead * n / t.median("match+write")
     return (f"{hdr}\n\n{body}\n\n{ratios}\n\nextract − adapter: {1000 * overhead:.1f} ms per image; matching + "
             f"writing alone (match+write mode, one thread) costs {1000 * t.median('match+write') / n:.1f} ms per image, "
@@ -334,6 +332,7 @@ def main() -> None:
     ap.add_argument("--read-levels", default="fc,pooled")
     ap.add_argument("--ckpt", type=Path, default=None, help="extraction part: this detector (with --data) instead of the store's")
     ap.add_argument("--data", type=Path, default=None, help="extraction part: this dataset directory")
+    ap.add_argument("--no-torchvision", action="store_true", help="extraction part: leave torchvision's own inference out")
     ap.add_argument("--out", type=Path, default=C.BENCH_OUT / "bench_extract.md")
     a = ap.parse_args()
     n, reps = (8, 2) if a.quick else (a.images, a.repeats)
@@ -342,7 +341,8 @@ def main() -> None:
     if "overlap" in parts:
         blocks.append(bench_overlap(reps))
     if "extract" in parts:
-        blocks.append(bench_extraction(a.store, n=n, repeats=reps, ckpt=a.ckpt, data=a.data))
+        blocks.append(bench_extraction(a.store, n=n, repeats=reps, ckpt=a.ckpt, data=a.data,
+                                       torchvision=not a.no_torchvision))
     if "bytes" in parts:
         blocks.append(bench_bytes(a.store, sample=8 if a.quick else 64))
     if "read" in parts:

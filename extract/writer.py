@@ -3,10 +3,12 @@
 Order of work, and why it is safe to kill at any moment:
 1. every input is checked (checkpoint, annotation files, images, class counts) before anything is
    written, so bad input never leaves a store behind;
-2. shard 0 (or the only process) creates the store with its tables; other shards wait for it;
-3. each shard runs its fixed image batches (:mod:`extract.sharding`) and writes image by image —
-   an image's done mark is written last, so a killed run leaves that image "not done";
-4. ``--resume`` re-runs every batch that still holds an image without its mark (whole batches, so
+2. shard 0 (or the only process) creates the store with its tables, detector head and evaluation
+   ground truth, and marks it initialized last; other shards wait for it;
+3. each shard runs the fixed image batches of its commit blocks (:mod:`extract.sharding`); a writer
+   thread labels them beside the detector and writes block by block — a block's done marks are
+   written last, so a killed run leaves the block "not done";
+4. ``--resume`` re-runs every block that still holds an image without its mark (whole blocks, so
    the numbers equal an uninterrupted run's), and the last shard to finish marks the store complete.
 """
 
