@@ -205,6 +205,11 @@ def open_for_resume(path_or_url: PathLike, meta: StoreMeta) -> Store:
     """Open a store for writing the images it still lacks, after checking it was built from the
     same detector, dataset and settings as ``meta`` (paths and creation time may differ)."""
     store = open_store(path_or_url, mode="r+")
+    if store.meta.schema_version != meta.schema_version:
+        raise StoreMismatchError(
+            f"store {store.path} has schema version {store.meta.schema_version} and this roicache writes "
+            f"{meta.schema_version}; extract into a new store (or --overwrite), or, once it is complete, convert "
+            "it with `roicache cache migrate`")
     diffs = meta_differences(store.meta, meta)
     if diffs:
         more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""

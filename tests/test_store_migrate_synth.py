@@ -82,6 +82,17 @@ def test_an_interrupted_migration_resumes_to_the_same_store(v1_store, tmp_path):
     _same_contents(open_store(path), open_store(out))
 
 
+def test_resuming_a_version_1_store_names_the_way_out(v1_store):
+    from dataclasses import replace
+
+    from cache_schema import open_for_resume
+    from cache_schema.errors import StoreMismatchError
+
+    path, inputs = v1_store
+    with pytest.raises(StoreMismatchError, match="schema version 1 and this roicache writes 2.*roicache cache migrate"):
+        open_for_resume(path, replace(inputs.meta, schema_version=2))
+
+
 def test_migrate_cli_and_its_bad_input(v1_store, tmp_path):
     path, _ = v1_store
     runner = CliRunner()
