@@ -43,8 +43,8 @@ class ValidationReport:
         path: the store location.
         problems: one self-contained line per problem (what, where, how to fix).
         incomplete: split -> images without a done mark.
-        chunks_checked: chunks decoded (0 when ``deep=False``).
-        deep: whether chunks were decoded.
+        chunks_checked: objects (chunk files or shards) decoded (0 when ``deep=False``).
+        deep: whether objects were decoded.
     """
 
     path: str
@@ -60,7 +60,7 @@ class ValidationReport:
 
     def format(self) -> str:
         if self.ok:
-            how = f"{self.chunks_checked} chunks decoded" if self.deep else "chunk contents not decoded (deep=False)"
+            how = f"{self.chunks_checked} objects decoded" if self.deep else "object contents not decoded (deep=False)"
             if self.sampled:
                 how += "; sampled images decoded: " + ", ".join(f"{k} {v}" for k, v in self.sampled.items())
             return f"{self.path}: OK ({how})"
